@@ -1,0 +1,1 @@
+"""Training configs (ml_collections). Importable as `vt_jax.configs`."""

@@ -1,0 +1,1 @@
+"""vt_jax: Video-Thinker in JAX/Flax NNX."""
