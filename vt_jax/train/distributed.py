@@ -1,0 +1,189 @@
+"""Processes, the device mesh, and putting host batches onto it.
+
+The mesh has three axes, always in this order:
+
+  data    pure data parallelism (params replicated along it)
+  fsdp    data parallelism with params/optimiser state sharded along it (ZeRO-3 style)
+  tensor  tensor (model) parallelism inside layers
+
+The batch dimension is split over ("data", "fsdp"); which param dimension goes where is decided by the
+model's logical-axis rules (`vt_jax.model.sharding`), never here. Axis types are Auto (classic GSPMD): the
+model code uses `with_sharding_constraint`, which Explicit axes (jax's new default) would reject.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Training-batch keys whose batch dimension is not the leading one (M-RoPE ids are [3, B, L]).
+BATCH_DIM = {"positions": 1}
+
+
+class MeshConfigError(ValueError):
+  """The configured mesh does not fit the available devices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+  index: int
+  count: int
+
+  @property
+  def is_primary(self) -> bool:
+    return self.index == 0
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    initialization_timeout: int = 300,
+) -> ProcessInfo:
+  """Joins the multi-process job, if there is one.
+
+  TPU pods (and SLURM / Open MPI clusters) are detected by `jax.distributed.initialize()` itself; anywhere
+  else pass the coordinator ("host:port" of process 0), the number of processes and this one's id. With
+  none of them and no cluster environment this is a single-process run and nothing is initialised.
+  """
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  if explicit:
+    if coordinator_address is None or num_processes is None or process_id is None:
+      raise ValueError(
+          "multi-process run: --coordinator_address, --num_processes and --process_id must all be given "
+          f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+        initialization_timeout=initialization_timeout)
+  elif _cluster_detected():
+    jax.distributed.initialize(initialization_timeout=initialization_timeout)
+  info = ProcessInfo(jax.process_index(), jax.process_count())
+  if info.count > 1:
+    logging.info("process %d of %d; %d local / %d global devices", info.index, info.count,
+                 jax.local_device_count(), jax.device_count())
+  return info
+
+
+def _cluster_detected() -> bool:
+  """True on a cluster jax can join without flags (TPU pod slice with several hosts, SLURM, MPI)."""
+  import os  # pylint: disable=g-import-not-at-top
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  # Multi-host TPU slices list their workers; a single-host TPU VM has one (or none).
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Sizes for (data, fsdp, tensor); at most one -1, which takes the remaining devices.
+
+  >>> resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8)
+  (2, 2, 2)
+  """
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise MeshConfigError(f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise MeshConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise MeshConfigError(
+          f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by {fixed}")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise MeshConfigError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over all devices of all processes (or the given ones)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_shape(shape, len(devices))
+  try:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # make_mesh asks for a physical topology (TPU/GPU); CPU multi-process and odd subsets have none, and
+    # there a process-major order keeps each process's devices together on the batch axes.
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(ordered, dtype=object).reshape(sizes), MESH_AXES,
+                axis_types=(AxisType.Auto,) * 3)
+
+
+def batch_spec(key: str, ndim: int) -> P:
+  """PartitionSpec of a batch array: its batch dimension over (data, fsdp), the rest replicated."""
+  dims: list = [None] * ndim
+  dims[BATCH_DIM.get(key, 0)] = BATCH_AXES
+  return P(*dims)
+
+
+def batch_shardings(mesh: Mesh, shapes: Mapping[str, Sequence[int]]) -> dict[str, NamedSharding]:
+  return {k: NamedSharding(mesh, batch_spec(k, len(s))) for k, s in shapes.items()}
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+  """How many ways the batch dimension is split (data x fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def local_batch_size(mesh: Mesh, global_batch: int) -> int:
+  """Rows of the global batch this process loads.
+
+  The batch axes must place an equal whole number of rows on every process; with tensor parallelism
+  spanning processes several processes hold the same rows (then they must load the same data).
+  """
+  par = batch_parallelism(mesh)
+  if global_batch % par:
+    raise MeshConfigError(
+        f"global batch {global_batch} is not divisible by data x fsdp = {par} (mesh {dict(mesh.shape)})")
+  sharding = NamedSharding(mesh, P(BATCH_AXES))
+  rows = _rows_of_process(sharding, global_batch)
+  return len(rows)
+
+
+def _rows_of_process(sharding: NamedSharding, global_batch: int) -> list[int]:
+  index_map = sharding.addressable_devices_indices_map((global_batch,))
+  rows = sorted({r for idx in index_map.values() for r in range(*idx[0].indices(global_batch))})
+  return rows
+
+
+def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], global_batch: int) -> dict[str, jax.Array]:
+  """Builds global arrays from each process's rows (`make_array_from_process_local_data`).
+
+  Every process passes its own `local_batch_size` rows; the result is one global array per key whose
+  batch dimension has `global_batch` rows sharded over (data, fsdp). Keys that are not arrays (host
+  metadata) are dropped.
+  """
+  out = {}
+  for key, value in local_batch.items():
+    if not isinstance(value, np.ndarray | jax.Array):
+      continue
+    dim = BATCH_DIM.get(key, 0)
+    global_shape = list(value.shape)
+    global_shape[dim] = global_batch
+    sharding = NamedSharding(mesh, batch_spec(key, value.ndim))
+    out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), tuple(global_shape))
+  return out
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
