@@ -1,0 +1,393 @@
+"""Frames as Qwen2.5-VL sees them: formulas, patch layout vs transformers, pixels vs the torch
+reference resize, decoding strategies, and every bad-input error."""
+
+import math
+import os
+import struct
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from vt_jax.data import video as V
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent reference formulas (written from the qwen-vl-utils description, not our code)
+# ---------------------------------------------------------------------------------------------
+def ref_smart_resize(h, w, factor, lo, hi):
+  hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+  if hb * wb > hi:
+    b = math.sqrt(h * w / hi)
+    return max(factor, math.floor(h / b / factor) * factor), max(factor, math.floor(w / b / factor) * factor)
+  if hb * wb < lo:
+    b = math.sqrt(lo / (h * w))
+    return math.ceil(h * b / factor) * factor, math.ceil(w * b / factor) * factor
+  return hb, wb
+
+
+def ref_indices(total, fps, nframes=None, target_fps=None, start=None, end=None):
+  s, e = 0, total - 1
+  if start is not None or end is not None:
+    dur = total / fps
+    s = 0 if start is None else math.ceil(min(max(start, 0), dur) * fps)
+    if end is not None:
+      e = min(math.floor(min(max(end, 0), dur) * fps), total - 1)
+  window = e - s + 1
+  if nframes is not None:
+    n = round(nframes / 2) * 2
+  else:
+    f = 2.0 if target_fps is None else target_fps
+    n = window / fps * f
+    n = min(max(n, 4), math.floor(min(768, window) / 2) * 2, window)
+    n = math.floor(n / 2) * 2
+  return [int(x) for x in torch.linspace(s, e, n, dtype=torch.float64).round().tolist()], window
+
+
+def torch_reference_resize(frames_uint8, h, w):
+  """What qwen-vl-utils does: torchvision bicubic+antialias on uint8 (float math, clamp, round)."""
+  x = torch.from_numpy(frames_uint8).permute(0, 3, 1, 2).float()
+  y = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True,
+                                      align_corners=False)
+  return y.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def textured_frames(t, h, w, seed=0):
+  """Blurred noise + solid shapes + text: smooth areas and hard edges."""
+  rng = np.random.default_rng(seed)
+  base = rng.integers(0, 256, (t, h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+  out = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_CUBIC) for f in base])
+  for i, f in enumerate(out):
+    cv2.circle(f, (w // 3 + i, h // 2), h // 5, (255, 30, 30), -1)
+    cv2.putText(f, f"ab{i}", (4, h - 6), cv2.FONT_HERSHEY_SIMPLEX, h / 160, (255, 255, 255), 1)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Formulas
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(h=st.integers(1, 4000), w=st.integers(1, 4000),
+       lo=st.sampled_from([4 * 784, 56 * 56, 128 * 784, 256 * 784]),
+       hi=st.sampled_from([128 * 784, 768 * 784, 1280 * 784, 16384 * 784]))
+def test_smart_resize_matches_reference(h, w, lo, hi):
+  if max(h, w) / min(h, w) > 200:
+    with pytest.raises(ValueError, match="aspect ratio"):
+      V.smart_resize(h, w, 28, lo, hi)
+    return
+  got = V.smart_resize(h, w, 28, lo, hi)
+  assert got == ref_smart_resize(h, w, 28, lo, hi)
+  assert got[0] % 28 == 0 and got[1] % 28 == 0
+
+
+def test_smart_resize_known_values():
+  # 16:9 at Video-Thinker's budget: 224 x 420 = 94,080 px <= 100,352.
+  assert V.smart_resize(720, 1280, 28, 128 * 784, 128 * 784) == (224, 420)
+  # Below min_pixels the image grows (qwen-vl-utils's min for videos is also 128*28*28).
+  assert V.smart_resize(112, 112, 28, 128 * 784, 128 * 784) == (336, 336)
+  assert V.smart_resize(112, 112, 28, 112 * 112, 112 * 112) == (112, 112)
+  with pytest.raises(ValueError):
+    V.smart_resize(10, 2100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(2, 20000), fps=st.sampled_from([1.0, 4.0, 23.976, 25.0, 29.97, 30.0, 60.0]),
+       nframes=st.sampled_from([None, 2, 4, 15, 16, 17, 32, 64]),
+       target_fps=st.sampled_from([None, 0.5, 1.0, 2.0, 4.0]),
+       start=st.one_of(st.none(), st.floats(0, 200)), end=st.one_of(st.none(), st.floats(0, 900)))
+def test_sample_frame_indices_matches_reference(total, fps, nframes, target_fps, start, end):
+  sampling = V.VideoSampling(nframes=nframes, fps=None if nframes else target_fps, start=start,
+                             end=end)
+  try:
+    ref, window = ref_indices(total, fps, nframes, None if nframes else target_fps, start, end)
+    ref_ok = 2 <= len(ref) <= window and (start is None and end is None or ref[0] < ref[-1] or
+                                          window > 1)
+  except Exception:
+    ref_ok = False
+  dur = total / fps
+  s = 0 if start is None else math.ceil(min(max(start, 0), dur) * fps)
+  e = total - 1 if end is None else min(math.floor(min(max(end, 0), dur) * fps), total - 1)
+  if (start is not None or end is not None) and s >= e:
+    ref_ok = False
+  if not ref_ok:
+    with pytest.raises(ValueError):
+      V.sample_frame_indices(total, fps, sampling)
+    return
+  got = V.sample_frame_indices(total, fps, sampling)
+  assert got.dtype == np.int64
+  assert got.tolist() == ref
+  assert np.all(np.diff(got) >= 1)  # strictly increasing: n <= window
+
+
+def test_sample_frame_indices_known_values():
+  # Video-Thinker: 16 uniformly sampled frames.
+  got = V.sample_frame_indices(300, 30.0, V.VideoSampling())
+  assert got.tolist() == np.round(np.linspace(0, 299, 16)).astype(int).tolist()
+  # fps mode: 60 s at 30 fps, 2 fps -> 120 frames; 1 s video -> clamp to 4 frames.
+  assert len(V.sample_frame_indices(1800, 30.0, V.VideoSampling(nframes=None))) == 120
+  assert len(V.sample_frame_indices(30, 30.0, V.VideoSampling(nframes=None))) == 4
+  # nframes 15 -> rounded to 16; window [2 s, 4 s] at 10 fps = frames 20..40.
+  got = V.sample_frame_indices(100, 10.0, V.VideoSampling(nframes=15, start=2.0, end=4.0))
+  assert len(got) == 16 and got[0] == 20 and got[-1] == 40
+  with pytest.raises(ValueError, match="exclusive"):
+    V.VideoSampling(nframes=16, fps=2.0)
+
+
+@pytest.mark.parametrize("nframes,lo,hi,total,expect", [
+    (16, 128 * 784, 128 * 784, V.VIDEO_TOTAL_PIXELS, 128 * 784),       # Video-Thinker
+    (16, 128 * 784, None, V.VIDEO_TOTAL_PIXELS, 768 * 784),            # default cap
+    (768, 128 * 784, None, V.VIDEO_TOTAL_PIXELS, V.VIDEO_TOTAL_PIXELS / 768 * 2),
+    (768, 128 * 784, None, 10_000, int(128 * 784 * 1.05)),             # floor at 1.05*min
+    (16, 128 * 784, 10**9, V.VIDEO_TOTAL_PIXELS, 768 * 784),            # caller can only lower
+])
+def test_video_pixel_budget(nframes, lo, hi, total, expect):
+  s = V.VideoSampling(min_pixels=lo, max_pixels=hi, total_pixels=total)
+  assert V.video_max_pixels(nframes, s) == expect
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch layout
+# ---------------------------------------------------------------------------------------------
+def test_patchify_matches_transformers_image_processor():
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+  img = np.random.default_rng(1).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+  hf = Qwen2VLImageProcessorPil()(images=[img], do_resize=False, return_tensors="np")
+  pv, grid = V.patchify(V.normalize(img[None]))
+  assert grid.tolist() == hf["image_grid_thw"][0].tolist() == [1, 4, 6]
+  np.testing.assert_allclose(pv, hf["pixel_values"], atol=2e-6, rtol=0)
+
+
+def test_patchify_rows_are_conv3d_patches_in_merge_order():
+  """Each row, viewed as (C, tp, p, p), must be the Conv3d patch the model embeds, and rows must
+  come in 2x2 merge-block order (the order HF's Qwen2VLVideoProcessor.patchify produces)."""
+  rng = np.random.default_rng(2)
+  t, h, w = 5, 56, 84  # odd T exercises last-frame padding
+  frames = rng.normal(size=(t, h, w, 3)).astype(np.float32)
+  pv, grid = V.patchify(frames)
+  gt, gh, gw = grid.tolist()
+  assert (gt, gh, gw) == (3, 4, 6)
+  padded = np.concatenate([frames, frames[-1:]], 0)
+  video = torch.from_numpy(padded).permute(3, 0, 1, 2)[None]  # [1, C, T, H, W]
+  weight = torch.from_numpy(rng.normal(size=(7, 3, 2, 14, 14)).astype(np.float32))
+  conv = torch.nn.functional.conv3d(video, weight, stride=(2, 14, 14))[0]  # [7, gt, gh, gw]
+  emb = torch.from_numpy(pv).view(-1, 3, 2, 14, 14).flatten(1) @ weight.flatten(1).T
+  expect = []
+  for it in range(gt):
+    for bh in range(gh // 2):
+      for bw in range(gw // 2):
+        for mh in range(2):
+          for mw in range(2):
+            expect.append(conv[:, it, 2 * bh + mh, 2 * bw + mw])
+  torch.testing.assert_close(emb, torch.stack(expect), atol=1e-3, rtol=1e-4)
+
+
+def test_patchify_rejects_bad_sizes():
+  with pytest.raises(ValueError, match="multiples of 28"):
+    V.patchify(np.zeros((2, 30, 28, 3), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize vs the torch reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("src,dst", [((90, 120), (112, 140)), ((200, 360), (112, 196)),
+                                     ((64, 64), (140, 140)), ((150, 100), (112, 84))])
+def test_resize_exact_matches_torch_reference(src, dst):
+  frames = textured_frames(3, *src)
+  ref = torch_reference_resize(frames, *dst)
+  got = V.resize_frames(frames, *dst, method="exact")
+  diff = np.abs(got.astype(int) - ref.astype(int))
+  assert diff.max() <= 1  # one uint8 level where float order decides a .5 tie
+  assert (diff > 0).mean() < 2e-3
+
+
+@pytest.mark.parametrize("src,dst", [((200, 360), (112, 196)), ((64, 64), (140, 140))])
+def test_resize_opencv_within_documented_bound(src, dst):
+  frames = textured_frames(3, *src)
+  ref = V.normalize(torch_reference_resize(frames, *dst))
+  got = V.normalize(V.resize_frames(frames, *dst, method="opencv"))
+  diff = np.abs(got - ref)
+  assert diff.max() < 0.6 and diff.mean() < 0.04  # module docstring: <= 0.511 / 0.031
+
+
+# ---------------------------------------------------------------------------------------------
+# Real files
+# ---------------------------------------------------------------------------------------------
+def _frame(i, h, w):
+  img = np.full((h, w, 3), 30, np.uint8)
+  x = (i * 3) % (w - 20)
+  img[h // 4:h // 4 + 20, x:x + 20] = ((i * 37) % 256, 255 - (i * 11) % 256, 200)
+  cv2.putText(img, str(i), (4, h - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
+  return img
+
+
+def write_mp4v(path, n, fps, h=96, w=128):
+  vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+  for i in range(n):
+    vw.write(np.ascontiguousarray(_frame(i, h, w)[..., ::-1]))
+  vw.release()
+  return str(path)
+
+
+def write_pyav(path, n, fps, codec="libx264", h=96, w=128, faststart=False):
+  av = pytest.importorskip("av")
+  c = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
+  s = c.add_stream(codec, rate=fps)
+  s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+  for i in range(n):
+    for p in s.encode(av.VideoFrame.from_ndarray(_frame(i, h, w), format="rgb24")):
+      c.mux(p)
+  for p in s.encode():
+    c.mux(p)
+  c.close()
+  return str(path)
+
+
+def decode_all(path):
+  cap = cv2.VideoCapture(path)
+  out = []
+  while True:
+    ok, f = cap.read()
+    if not ok:
+      return np.stack(out)[..., ::-1]
+    out.append(f)
+
+
+def test_load_video_geometry_indices_timestamps_pixels(tmp_path):
+  path = write_mp4v(tmp_path / "v.mp4", n=90, fps=10)
+  s = V.VideoSampling(nframes=16, min_pixels=112 * 112, max_pixels=112 * 140)
+  v = V.load_video(path, s, keep_uint8=True)
+  idx = np.round(np.linspace(0, 89, 16)).astype(int)
+  assert v.frame_indices.tolist() == idx.tolist()
+  np.testing.assert_array_equal(v.timestamps, idx / 10.0)
+  assert (v.video_fps, v.total_frames) == (10.0, 90)
+  assert v.sampled_fps == pytest.approx(16 / 90 * 10)
+  assert v.second_per_grid == pytest.approx(2 / (16 / 90 * 10))
+  h, w = V.smart_resize(96, 128, 28, 112 * 112, 112 * 140)
+  assert v.grid_thw.tolist() == [8, h // 14, w // 14]
+  assert v.pixel_values.shape == (8 * h * w // 196, 1176) and v.pixel_values.dtype == np.float32
+  # Pixels: the same decoded frames through the torch reference resize + normalise + patchify.
+  ref_frames = torch_reference_resize(np.ascontiguousarray(decode_all(path)[idx]), h, w)
+  assert np.abs(v.frames_uint8.astype(int) - ref_frames.astype(int)).max() <= 1
+  ref_pv, _ = V.patchify(((ref_frames / 255.0 - MEAN) / STD).astype(np.float32))
+  assert np.abs(v.pixel_values - ref_pv).max() <= 0.016  # one uint8 level / min(std)
+
+
+def test_decode_strategies_agree_and_are_exact(tmp_path):
+  for path in (write_mp4v(tmp_path / "m.mp4", 120, 30), write_pyav(tmp_path / "h.mp4", 120, 30)):
+    every = decode_all(path)
+    assert len(every) == 120
+    idx = [0, 3, 40, 41, 90, 119, 7, 40]  # unsorted with a repeat
+    for strategy in ("seek", "grab", "auto"):
+      np.testing.assert_array_equal(V.decode_frames(path, idx, strategy=strategy), every[idx])
+
+
+def test_fps_mode_and_window(tmp_path):
+  path = write_mp4v(tmp_path / "v.mp4", n=100, fps=10)
+  v = V.load_video(path, V.VideoSampling(nframes=None, fps=2.0, start=2.0, end=6.0,
+                                         min_pixels=56 * 56, max_pixels=56 * 56))
+  assert v.frame_indices.tolist() == np.round(np.linspace(20, 60, 8)).astype(int).tolist()
+  assert v.sampled_fps == pytest.approx(8 / 41 * 10)
+  assert v.grid_thw.tolist()[0] == 4
+
+
+def test_load_image_matches_patchify_of_reference_pixels(tmp_path):
+  img = textured_frames(1, 90, 150)[0]
+  path = str(tmp_path / "x.png")
+  cv2.imwrite(path, img[..., ::-1])
+  out = V.load_image(path)
+  h, w = V.smart_resize(90, 150, 28, 56 * 56, 28 * 28 * 1280)
+  assert out.grid_thw.tolist() == [1, h // 14, w // 14]
+  ref, _ = V.patchify(V.normalize(torch_reference_resize(img[None], h, w)))
+  assert np.abs(out.pixel_values - ref).max() <= 0.016
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+def _top_level_boxes(data):
+  off, boxes = 0, []
+  while off + 8 <= len(data):
+    size, kind = struct.unpack(">I4s", data[off:off + 8])
+    boxes.append((kind.decode("latin-1"), off, size))
+    if size < 8:
+      break
+    off += size
+  return boxes
+
+
+def test_missing_empty_directory_and_garbage(tmp_path):
+  with pytest.raises(V.VideoNotFoundError, match="does not exist"):
+    V.load_video(tmp_path / "nope.mp4")
+  with pytest.raises(V.VideoNotFoundError, match="not a regular file"):
+    V.load_video(tmp_path)
+  (tmp_path / "zero.mp4").write_bytes(b"")
+  with pytest.raises(V.EmptyVideoFileError, match="0 bytes"):
+    V.load_video(tmp_path / "zero.mp4")
+  (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+  with pytest.raises(V.CorruptVideoError) as e:
+    V.load_video(tmp_path / "junk.mp4")
+  assert e.value.path.endswith("junk.mp4") and "cannot open" in e.value.reason
+  assert isinstance(e.value, V.VideoError)
+
+
+def test_truncated_without_index_is_corrupt(tmp_path):
+  path = write_mp4v(tmp_path / "v.mp4", 60, 10)  # mp4v via OpenCV: index (moov) at the end
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:len(data) // 2])
+  with pytest.raises(V.CorruptVideoError):
+    V.load_video(path)
+
+
+def test_overreported_frame_count_resamples_or_raises(tmp_path):
+  path = write_pyav(tmp_path / "v.mp4", 200, 20, faststart=True)  # index first, then data
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:int(len(data) * 0.55)])
+  assert V.probe_video(path).total_frames == 200  # the container still claims 200
+  real = len(decode_all(path))
+  assert 16 <= real < 200
+  v = V.load_video(path, V.VideoSampling(min_pixels=56 * 56, max_pixels=56 * 56))
+  assert v.total_frames == real
+  assert v.frame_indices.tolist() == np.round(np.linspace(0, real - 1, 16)).astype(int).tolist()
+  with pytest.raises(V.TruncatedVideoError) as e:
+    V.load_video(path, on_truncated="raise")
+  assert e.value.decodable_frames == real and "truncated" in e.value.reason
+  with pytest.raises(V.TruncatedVideoError):
+    V.decode_frames(path, [0, real + 5])
+
+
+def test_zero_decodable_frames(tmp_path):
+  path = write_pyav(tmp_path / "v.mp4", 60, 10, faststart=True)
+  data = open(path, "rb").read()
+  mdat = [b for b in _top_level_boxes(data) if b[0] == "mdat"][0]
+  open(path, "wb").write(data[:mdat[1] + 16])  # header intact, no sample data
+  with pytest.raises(V.NoDecodableFramesError, match="no frame decodes"):
+    V.load_video(path)
+
+
+def test_too_few_frames_for_requested_sampling(tmp_path):
+  path = write_mp4v(tmp_path / "v.mp4", 10, 10)
+  with pytest.raises(V.TruncatedVideoError, match="cannot sample"):
+    V.load_video(path, V.VideoSampling(nframes=16))
+
+
+def test_av1_is_unsupported(tmp_path):
+  av = pytest.importorskip("av")
+  if "libsvtav1" not in av.codecs_available and "libaom-av1" not in av.codecs_available:
+    pytest.skip("this PyAV build has no AV1 encoder, so no AV1 file can be written")
+  codec = "libsvtav1" if "libsvtav1" in av.codecs_available else "libaom-av1"
+  path = write_pyav(tmp_path / "v.mp4", 30, 10, codec=codec)
+  with pytest.raises(V.UnsupportedCodecError, match="AV1"):
+    V.load_video(path)
+
+
+def test_bad_image(tmp_path):
+  (tmp_path / "x.png").write_bytes(b"not a png at all")
+  with pytest.raises(V.ImageError, match="cannot decode"):
+    V.load_image(tmp_path / "x.png")
+  with pytest.raises(V.ImageError, match="does not exist"):
+    V.load_image(tmp_path / "y.png")

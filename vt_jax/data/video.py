@@ -1,0 +1,691 @@
+"""Video and image frames exactly as Qwen2.5-VL sees them (qwen-vl-utils + the HF processor).
+
+Pipeline for one video (`load_video`):
+
+  probe (frame count, fps) -> `sample_frame_indices` (qwen-vl-utils `smart_nframes` and
+  `calculate_video_frame_range`, then round(linspace(start_frame, end_frame, n)))
+  -> `decode_frames` (OpenCV, only the needed frames) -> `resize_frames` to `smart_resize` dims
+  -> `normalize` (1/255, CLIP mean/std) -> `patchify` (Qwen patch order, `[n_patches, 1176]`).
+
+The tfds-prepared path stores the resized uint8 frames (JPEG) and calls `patchify(normalize(x))`
+at load time, so every stage is public and pure where it can be.
+
+Resize (why "exact" is the default)
+-----------------------------------
+The reference resizes uint8 frames with torchvision's bicubic + antialias on float, then clamps,
+rounds and casts back to uint8 (torchvision's uint8 path), and only then calls `.float()`. That
+computation is a separable filter (PIL-style cubic, a = -0.5, stretched by the scale when
+downscaling, weights renormalised per output pixel). `resize_frames(method="exact")` rebuilds those
+filter weights as two sparse matrices and applies them with scipy; `method="opencv"` uses
+cv2.INTER_AREA when shrinking and cv2.INTER_CUBIC when enlarging (the closest OpenCV modes we found).
+Measured against `torch.nn.functional.interpolate(bicubic, antialias=True)` + clamp/round, on
+16 synthetic frames (blurred noise + solid shapes + text), differences of NORMALISED pixels
+(i.e. after /255 and /std, so one uint8 level is ~0.015):
+
+  | source -> target   | exact max / mean     | opencv max / mean | exact ms | opencv ms | torch ms |
+  | 240x320 -> 280x392 | 0.015 / 1.1e-6       | 0.225 / 0.0077    | 15       | 1.6       | 120      |
+  | 360x640 -> 252x448 | 0.015 / 1.8e-6       | 0.327 / 0.013     | 30       | --        | --       |
+  | 720x1280 -> 224x420| 0.015 / 3.3e-6       | 0.511 / 0.024     | 117      | 34        | 409      |
+  | 1080x1920->224x392 | 0.015 / 4.5e-6       | 0.453 / 0.031     | 268      | 67        | 661      |
+  | 112x112 -> 336x336 | 0.015 / 1e-7         | 0.270 / 0.0074    | 7        | 1.2       | 13       |
+
+("exact" differs from the reference only by a single uint8 level on 0.01-0.03% of pixels, where
+float summation order decides a .5 tie.) OpenCV is 3-4x faster but drifts by up to ~35 uint8 levels
+on sharp edges (its INTER_AREA is a box filter and INTER_CUBIC has a = -0.75 and no antialias);
+a model pre-trained on the reference pixels should see the reference pixels, and decoding, not
+resizing, dominates load time (see benchmarks/bench_pipeline.py), so "exact" is the default.
+
+Decoding
+--------
+`decode_frames` seeks (CAP_PROP_POS_FRAMES, exact on the H.264/HEVC/mp4v files we tested) when the
+gap to the next wanted frame is large, and grab()s forward through small gaps (grab decodes but
+skips the colour conversion). A seek costs the decoding from the previous keyframe, so the
+crossover depends on the GOP, which OpenCV does not expose: `_SeekCostModel` times seeks and grabs
+on the stream being read and picks the cheaper per gap (measured crossovers: ~32 frames for mp4v
+with GOP 12, beyond 120 frames for x264's default GOP 250, both 640x360 at 30 fps).
+
+Errors are `VideoError` subclasses naming the file and the reason; a frame count that the
+container over-reports (truncated files) is detected when reads fail and, in `load_video`, the
+indices are re-sampled over the frames that really decode (or `TruncatedVideoError` is raised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Literal
+
+import cv2
+import numpy as np
+import scipy.sparse
+
+# qwen-vl-utils constants (video path) and HF processor defaults (image path).
+IMAGE_FACTOR = 28
+FRAME_FACTOR = 2
+FPS = 2.0
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+VIDEO_THINKER_MAX_PIXELS = 128 * 28 * 28
+IMAGE_MIN_PIXELS = 56 * 56
+IMAGE_MAX_PIXELS = 28 * 28 * 1280
+MAX_ASPECT_RATIO = 200
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Until both costs have been timed on a stream, forward gaps up to this many frames are grabbed
+# through and larger ones seek: the mp4v (GOP 12) crossover measured at 640x360 (see
+# `_SeekCostModel`); the online cost model takes over after the first seek and grab.
+SEEK_MIN_GAP = 32
+
+# Codecs the bundled FFmpeg of opencv-python-headless cannot decode (no AV1 decoder is built in).
+UNSUPPORTED_FOURCCS = frozenset({"AV01", "av01"})
+
+ResizeMethod = Literal["exact", "opencv"]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+class VideoError(Exception):
+  """A video (or image) could not be turned into frames. `.path` is the file, `.reason` why."""
+
+  def __init__(self, path: str | os.PathLike, reason: str):
+    self.path = os.fspath(path)
+    self.reason = reason
+    super().__init__(f"{self.path}: {reason}")
+
+
+class VideoNotFoundError(VideoError):
+  """The path does not exist or is not a regular file."""
+
+
+class EmptyVideoFileError(VideoError):
+  """The file has zero bytes (an interrupted download or copy)."""
+
+
+class CorruptVideoError(VideoError):
+  """OpenCV cannot open the container at all (garbage bytes, truncated header, missing index)."""
+
+
+class NoDecodableFramesError(VideoError):
+  """The container opens but not a single frame decodes."""
+
+
+class UnsupportedCodecError(VideoError):
+  """The stream's codec (e.g. AV1) has no decoder in OpenCV's FFmpeg build."""
+
+
+class TruncatedVideoError(VideoError):
+  """Fewer frames decode than needed: the container over-reports its frame count, or the video
+  is too short for the requested sampling. `.decodable_frames` is the real count (or None)."""
+
+  def __init__(self, path, reason, decodable_frames: int | None = None):
+    super().__init__(path, reason)
+    self.decodable_frames = decodable_frames
+
+
+class ImageError(VideoError):
+  """An image file is missing, empty or undecodable (images share the video error base)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling configuration and the pure index / size math
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VideoSampling:
+  """How to sample and size one video; defaults are Video-Thinker's (16 frames, 128*28*28 px).
+
+  nframes: fixed frame count (rounded to a multiple of temporal_patch_size); None -> fps mode.
+  fps: frames per second to sample in fps mode (None -> qwen-vl-utils' 2.0).
+  min_frames / max_frames: fps-mode clamp (qwen-vl-utils FPS_MIN_FRAMES / FPS_MAX_FRAMES).
+  min_pixels / max_pixels / total_pixels: per-frame pixel budget, as qwen-vl-utils' fetch_video.
+  start / end: time window in seconds (qwen-vl-utils `video_start` / `video_end`).
+  resize: "exact" (reference filter) or "opencv" (faster, see the module docstring).
+  """
+
+  nframes: int | None = 16
+  fps: float | None = None
+  min_frames: int = FPS_MIN_FRAMES
+  max_frames: int = FPS_MAX_FRAMES
+  min_pixels: int = VIDEO_MIN_PIXELS
+  max_pixels: int | None = VIDEO_THINKER_MAX_PIXELS
+  total_pixels: int = VIDEO_TOTAL_PIXELS
+  start: float | None = None
+  end: float | None = None
+  temporal_patch_size: int = 2
+  patch_size: int = 14
+  merge_size: int = 2
+  resize: ResizeMethod = "exact"
+
+  def __post_init__(self):
+    if self.nframes is not None and self.fps is not None:
+      raise ValueError(
+          f"VideoSampling: nframes={self.nframes} and fps={self.fps} are exclusive; "
+          "set nframes=None to sample by fps")
+    if self.nframes is not None and self.nframes < 1:
+      raise ValueError(f"VideoSampling: nframes must be >= 1, got {self.nframes}")
+    if self.fps is not None and not self.fps > 0:
+      raise ValueError(f"VideoSampling: fps must be > 0, got {self.fps}")
+    if self.resize not in ("exact", "opencv"):
+      raise ValueError(f"VideoSampling: resize must be 'exact' or 'opencv', got {self.resize!r}")
+
+  @property
+  def factor(self) -> int:
+    """Side lengths are multiples of this (patch 14 x merge 2 = 28)."""
+    return self.patch_size * self.merge_size
+
+
+def _round_by(x: float, f: int) -> int:
+  return round(x / f) * f
+
+
+def _ceil_by(x: float, f: int) -> int:
+  return math.ceil(x / f) * f
+
+
+def _floor_by(x: float, f: int) -> int:
+  return math.floor(x / f) * f
+
+
+def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR,
+                 min_pixels: int = IMAGE_MIN_PIXELS,
+                 max_pixels: int = IMAGE_MAX_PIXELS) -> tuple[int, int]:
+  """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels],
+  aspect ratio kept as well as rounding allows (qwen-vl-utils' formula).
+
+  Raises ValueError when the aspect ratio exceeds 200 or a side is not positive.
+  """
+  if height <= 0 or width <= 0:
+    raise ValueError(f"smart_resize: sides must be positive, got {height}x{width}")
+  if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+    raise ValueError(f"smart_resize: aspect ratio {max(height, width) / min(height, width):.1f} "
+                     f"of {height}x{width} exceeds {MAX_ASPECT_RATIO}")
+  h_bar = max(factor, _round_by(height, factor))
+  w_bar = max(factor, _round_by(width, factor))
+  if h_bar * w_bar > max_pixels:
+    beta = math.sqrt(height * width / max_pixels)
+    h_bar = max(factor, _floor_by(height / beta, factor))
+    w_bar = max(factor, _floor_by(width / beta, factor))
+  elif h_bar * w_bar < min_pixels:
+    beta = math.sqrt(min_pixels / (height * width))
+    h_bar = _ceil_by(height * beta, factor)
+    w_bar = _ceil_by(width * beta, factor)
+  return h_bar, w_bar
+
+
+def video_max_pixels(nframes: int, sampling: VideoSampling) -> int | float:
+  """Per-frame pixel cap of qwen-vl-utils' fetch_video: the share of `total_pixels` per temporal
+  pair, within [1.05 * min_pixels, VIDEO_MAX_PIXELS]; a caller's max_pixels can only lower it."""
+  cap = max(min(VIDEO_MAX_PIXELS, sampling.total_pixels / nframes * FRAME_FACTOR),
+            int(sampling.min_pixels * 1.05))
+  if sampling.max_pixels is not None:
+    cap = min(sampling.max_pixels, cap)
+  return cap
+
+
+def video_resize_dims(height: int, width: int, nframes: int,
+                      sampling: VideoSampling) -> tuple[int, int]:
+  """(resized_height, resized_width) for a video of `nframes` sampled frames of height x width."""
+  return smart_resize(height, width, factor=sampling.factor, min_pixels=sampling.min_pixels,
+                      max_pixels=video_max_pixels(nframes, sampling))
+
+
+def frame_window(total_frames: int, video_fps: float, start: float | None,
+                 end: float | None) -> tuple[int, int, int]:
+  """(start_frame, end_frame, window_frames) for a [start, end] seconds window, inclusive
+  (qwen-vl-utils' calculate_video_frame_range: start rounds up, end rounds down)."""
+  if not video_fps > 0:
+    raise ValueError(f"video_fps must be > 0, got {video_fps}")
+  if total_frames <= 0:
+    raise ValueError(f"total_frames must be > 0, got {total_frames}")
+  if start is None and end is None:
+    return 0, total_frames - 1, total_frames
+  duration = total_frames / video_fps
+  start_frame = 0 if start is None else math.ceil(max(0.0, min(start, duration)) * video_fps)
+  end_frame = total_frames - 1
+  if end is not None:
+    end_frame = min(math.floor(max(0.0, min(end, duration)) * video_fps), total_frames - 1)
+  if start_frame >= end_frame:
+    raise ValueError(f"time window [{start}, {end}] s selects frames {start_frame}..{end_frame} "
+                     f"of a {duration:.2f} s video ({total_frames} frames at {video_fps} fps)")
+  return start_frame, end_frame, end_frame - start_frame + 1
+
+
+def num_sampled_frames(window_frames: int, video_fps: float, sampling: VideoSampling) -> int:
+  """qwen-vl-utils' smart_nframes over a window of `window_frames` frames.
+
+  Raises ValueError when the result falls outside [temporal_patch_size, window_frames].
+  """
+  tp = sampling.temporal_patch_size
+  if sampling.nframes is not None:
+    n = _round_by(sampling.nframes, tp)
+  else:
+    fps = FPS if sampling.fps is None else sampling.fps
+    min_frames = _ceil_by(sampling.min_frames, tp)
+    max_frames = _floor_by(min(sampling.max_frames, window_frames), tp)
+    n = window_frames / video_fps * fps
+    n = _floor_by(min(max(n, min_frames), max_frames, window_frames), tp)
+  if not tp <= n <= window_frames:
+    raise ValueError(f"cannot sample {n} frames (multiple of {tp}) from {window_frames} frames")
+  return int(n)
+
+
+def sample_frame_indices(total_frames: int, video_fps: float,
+                         sampling: VideoSampling) -> np.ndarray:
+  """Frame indices `[n]` (int64, ascending) that qwen-vl-utils decodes for this video.
+
+  round(linspace(start_frame, end_frame, n)) with round-half-even like torch.round; computed in
+  float64 (torch uses float32, which only matters beyond ~10^6 frames).
+  """
+  start_frame, end_frame, window = frame_window(total_frames, video_fps, sampling.start,
+                                                sampling.end)
+  n = num_sampled_frames(window, video_fps, sampling)
+  return np.round(np.linspace(start_frame, end_frame, n)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels: resize, normalise, patchify (pure)
+# --------------------------------------------------------------------------------------------
+def _cubic_aa(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+  """Keys cubic kernel with a = -0.5 (PIL / torch antialias convention)."""
+  x = np.abs(x)
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def resize_weights(in_size: int, out_size: int) -> scipy.sparse.csr_matrix:
+  """Sparse `[out_size, in_size]` float32 matrix of antialiased bicubic resampling along one axis
+  (align_corners=False): the support widens by the scale when shrinking, weights sum to 1."""
+  scale = in_size / out_size
+  support = 2.0 * scale if scale >= 1.0 else 2.0
+  inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+  centre = scale * (np.arange(out_size) + 0.5)
+  # Truncation toward zero, as the reference's int64 cast does.
+  lo = np.maximum(np.trunc(centre - support + 0.5).astype(np.int64), 0)
+  hi = np.minimum(np.trunc(centre + support + 0.5).astype(np.int64), in_size)
+  taps = int((hi - lo).max())
+  src = lo[:, None] + np.arange(taps)[None, :]
+  w = _cubic_aa((src - centre[:, None] + 0.5) * inv_scale)
+  w = np.where(src < hi[:, None], w, 0.0)
+  w /= w.sum(axis=1, keepdims=True)
+  rows = np.repeat(np.arange(out_size), taps)
+  mat = scipy.sparse.csr_matrix((w.ravel(), (rows, np.minimum(src, in_size - 1).ravel())),
+                                shape=(out_size, in_size), dtype=np.float64)
+  return mat.astype(np.float32)
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int,
+                  method: ResizeMethod = "exact") -> np.ndarray:
+  """Resize uint8 frames `[T, H, W, 3]` -> uint8 `[T, height, width, 3]`.
+
+  "exact": the reference's bicubic-antialias filter, rounded and clamped to uint8 as torchvision
+  does for uint8 input; "opencv": INTER_AREA when shrinking, INTER_CUBIC when enlarging.
+  """
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f"resize_frames expects uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+  t, h0, w0, c = frames.shape
+  if (h0, w0) == (height, width):
+    return frames.copy()
+  out = np.empty((t, height, width, c), np.uint8)
+  if method == "opencv":
+    interp = cv2.INTER_AREA if height * width < h0 * w0 else cv2.INTER_CUBIC
+    for i in range(t):  # one C call per frame; cv2 has no batched resize
+      out[i] = cv2.resize(frames[i], (width, height), interpolation=interp)
+    return out
+  if method != "exact":
+    raise ValueError(f"resize_frames: unknown method {method!r}")
+  rows = resize_weights(h0, height)
+  cols = resize_weights(w0, width)
+  for i in range(t):  # per frame keeps the float32 temporaries small
+    x = frames[i].astype(np.float32)
+    # Width first, as the reference does (summation order decides rare .5 ties).
+    y = cols @ x.transpose(1, 0, 2).reshape(w0, h0 * c)           # [width, h0 * c]
+    y = y.reshape(width, h0, c).transpose(1, 0, 2).reshape(h0, width * c)
+    y = rows @ y                                                  # [height, width * c]
+    np.clip(np.rint(y), 0, 255, out=y)
+    out[i] = y.reshape(height, width, c)
+  return out
+
+
+def normalize(frames: np.ndarray) -> np.ndarray:
+  """uint8 (or float 0..255) `[..., 3]` RGB -> float32 `(x / 255 - CLIP_MEAN) / CLIP_STD`."""
+  x = np.asarray(frames, np.float32) * np.float32(1.0 / 255.0)
+  return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
+def patchify(frames: np.ndarray, temporal_patch_size: int = 2, patch_size: int = 14,
+             merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+  """Normalised frames `[T, H, W, C]` -> (pixel_values `[gt*gh*gw, C*tp*p*p]`, grid_thw `[3]`).
+
+  Rows follow Qwen's order: temporal group, then 2x2 merge blocks in raster order, then the
+  four patches of a block; each row flattens (C, tp, p, p), the Conv3d patch-embed layout.
+  The frame count is padded to a multiple of temporal_patch_size by repeating the last frame.
+  H and W must be multiples of patch_size * merge_size.
+  """
+  frames = np.asarray(frames, np.float32)
+  if frames.ndim != 4:
+    raise ValueError(f"patchify expects [T, H, W, C], got shape {frames.shape}")
+  t, h, w, c = frames.shape
+  factor = patch_size * merge_size
+  if t == 0 or h % factor or w % factor:
+    raise ValueError(f"patchify: need T >= 1 and H, W multiples of {factor}, got {frames.shape}")
+  if pad := -t % temporal_patch_size:
+    frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
+    t += pad
+  gt, gh, gw = t // temporal_patch_size, h // patch_size, w // patch_size
+  x = frames.reshape(gt, temporal_patch_size, gh // merge_size, merge_size, patch_size,
+                     gw // merge_size, merge_size, patch_size, c)
+  # -> (gt, gh/m, gw/m, m_h, m_w, C, tp, p_h, p_w)
+  x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+  pixel_values = np.ascontiguousarray(x).reshape(gt * gh * gw,
+                                                 c * temporal_patch_size * patch_size**2)
+  return pixel_values, np.array([gt, gh, gw], np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding with OpenCV
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+  """What the container says: frame count (may be over-reported), fps, size, codec FourCC."""
+  path: str
+  total_frames: int
+  fps: float
+  height: int
+  width: int
+  fourcc: str
+
+
+def _check_file(path: str, error: type[VideoError] = VideoError) -> None:
+  if not os.path.exists(path):
+    raise (ImageError if error is ImageError else VideoNotFoundError)(path, "file does not exist")
+  if not os.path.isfile(path):
+    raise (ImageError if error is ImageError else VideoNotFoundError)(path, "not a regular file")
+  if os.path.getsize(path) == 0:
+    raise (ImageError if error is ImageError else EmptyVideoFileError)(path, "file is empty (0 bytes)")
+
+
+def _fourcc(cap: cv2.VideoCapture) -> str:
+  code = int(cap.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF
+  text = code.to_bytes(4, "little").decode("latin-1")
+  return text if text.isprintable() else f"0x{code:08x}"
+
+
+def _open(path: str | os.PathLike) -> tuple[cv2.VideoCapture, VideoInfo]:
+  path = os.fspath(path)
+  _check_file(path)
+  cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+  if not cap.isOpened():
+    raise CorruptVideoError(path, "OpenCV/FFmpeg cannot open the container (corrupt, truncated "
+                            "or not a video)")
+  info = VideoInfo(path=path, total_frames=int(cap.get(cv2.CAP_PROP_FRAME_COUNT)),
+                   fps=float(cap.get(cv2.CAP_PROP_FPS)),
+                   height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                   width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), fourcc=_fourcc(cap))
+  if not (info.fps > 0 and math.isfinite(info.fps)):
+    cap.release()
+    raise CorruptVideoError(path, f"container reports no usable frame rate ({info.fps})")
+  return cap, info
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+  """Container metadata without decoding. Raises a VideoError subclass for unopenable files."""
+  cap, info = _open(path)
+  cap.release()
+  return info
+
+
+def _no_frames_error(info: VideoInfo) -> VideoError:
+  if info.fourcc in UNSUPPORTED_FOURCCS:
+    return UnsupportedCodecError(info.path, f"codec {info.fourcc} (AV1) cannot be decoded by "
+                                 "OpenCV's FFmpeg build; re-encode to H.264")
+  return NoDecodableFramesError(info.path, f"no frame decodes (codec {info.fourcc}, container "
+                                f"claims {info.total_frames} frames)")
+
+
+def _count_decodable(path: str, info: VideoInfo, known_good: int) -> int:
+  """Real number of decodable frames, given that frame `known_good` (or -1) decoded.
+
+  Seeks to the last good frame and grabs forward until the stream ends: only used after a read
+  failed, so the cost (decoding the tail) is paid only for broken files.
+  """
+  cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+  try:
+    pos = max(known_good, 0)
+    if pos > 0:
+      cap.set(cv2.CAP_PROP_POS_FRAMES, pos)
+    count = pos
+    while cap.grab():
+      count += 1
+    return count
+  finally:
+    cap.release()
+
+
+DecodeStrategy = Literal["auto", "seek", "grab"]
+
+
+class _SeekCostModel:
+  """Online estimate of seek vs grab cost for one stream (both in seconds).
+
+  A seek restarts decoding at the previous keyframe, so its cost is about (distance from that
+  keyframe) x (per-frame decode): with GOP 12 (mp4v) seeking beats grabbing past ~32 frames, with
+  x264's default GOP 250 grabbing wins up to ~120+ frames (benchmarks/bench_pipeline.py). The GOP
+  is not exposed by OpenCV, so we time both operations as we go and pick the cheaper per gap.
+  """
+
+  def __init__(self, prior_gap: int):
+    self.prior_gap = prior_gap
+    self.grab_s: float | None = None
+    self.seek_s: float | None = None
+
+  def should_seek(self, gap: int) -> bool:
+    if gap < 0:
+      return True
+    if self.grab_s is None or self.seek_s is None:
+      return gap > self.prior_gap
+    return gap * self.grab_s > self.seek_s
+
+  def observe(self, kind: str, seconds: float) -> None:
+    old = getattr(self, kind)
+    setattr(self, kind, seconds if old is None else 0.7 * old + 0.3 * seconds)
+
+
+def _read_indices(cap: cv2.VideoCapture, wanted: np.ndarray,
+                  strategy: DecodeStrategy) -> tuple[list[np.ndarray], int]:
+  """Decode the ascending unique frames `wanted`; stops at the first failed read.
+
+  Returns (BGR frames decoded, in order; index of the last frame that decoded or -1).
+  """
+  model = _SeekCostModel(SEEK_MIN_GAP)
+  frames: list[np.ndarray] = []
+  pos = 0  # index of the frame the next grab() returns (a fresh capture starts at 0)
+  last_good = -1
+  wanted_list = wanted.tolist()
+  for k, idx in enumerate(wanted_list):
+    gap = idx - pos
+    seek = gap != 0 and (strategy == "seek" or gap < 0 or
+                         (strategy == "auto" and model.should_seek(gap)))
+    t0 = time.perf_counter()
+    if seek:
+      cap.set(cv2.CAP_PROP_POS_FRAMES, idx)
+    else:
+      grabbed = 0
+      while grabbed < gap and cap.grab():
+        grabbed += 1
+      if grabbed < gap:
+        break
+      if gap:
+        model.observe("grab_s", (time.perf_counter() - t0) / gap)
+    ok, frame = cap.read()
+    if not ok or frame is None:
+      break
+    if seek:
+      # Past the real end of a truncated stream a seek "succeeds" with some other frame; the
+      # position then disagrees with the target, so treat it as a failed read.
+      if int(cap.get(cv2.CAP_PROP_POS_FRAMES)) != idx + 1:
+        break
+      model.observe("seek_s", time.perf_counter() - t0)
+    frames.append(frame)
+    last_good = idx
+    pos = idx + 1
+    if strategy == "auto" and model.grab_s is None and k + 1 < len(wanted_list) and \
+        wanted_list[k + 1] > idx + 1:
+      # One probe grab (a single frame's decode) so the model can compare costs from now on.
+      t0 = time.perf_counter()
+      if cap.grab():
+        model.observe("grab_s", time.perf_counter() - t0)
+        pos += 1
+  return frames, last_good
+
+
+def decode_frames(path: str | os.PathLike, indices, *, strategy: DecodeStrategy = "auto",
+                  _cap=None, _info=None) -> np.ndarray:
+  """Decode frames `indices` (any order, repeats allowed) -> uint8 RGB `[len(indices), H, W, 3]`.
+
+  strategy: "seek" sets CAP_PROP_POS_FRAMES for every frame, "grab" decodes forward through
+  every gap, "auto" picks per gap from measured seek / grab costs (see `_SeekCostModel`).
+  Raises VideoError subclasses; TruncatedVideoError (with `.decodable_frames`) when an index lies
+  past the frames that really decode.
+  """
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  cap, info = (_cap, _info) if _cap is not None else _open(path)
+  try:
+    if indices.size == 0:
+      raise ValueError(f"{info.path}: decode_frames needs at least one index")
+    if indices.min() < 0:
+      raise ValueError(f"{info.path}: negative frame index {int(indices.min())}")
+    wanted, inverse = np.unique(indices, return_inverse=True)
+    frames, last_good = _read_indices(cap, wanted, strategy)
+  finally:
+    if _cap is None:
+      cap.release()
+  if len(frames) < len(wanted):
+    if last_good < 0 and wanted[0] == 0:
+      raise _no_frames_error(info)
+    real = _count_decodable(info.path, info, last_good)
+    if real == 0:
+      raise _no_frames_error(info)
+    missing = int(wanted[len(frames)])
+    if missing >= info.total_frames > 0 and real == info.total_frames:
+      reason = f"frame {missing} is past the end ({real} frames)"
+    else:
+      reason = (f"frame {missing} does not decode: only {real} of the {info.total_frames} "
+                "frames the container reports are decodable (truncated file?)")
+    raise TruncatedVideoError(info.path, reason, decodable_frames=real)
+  shapes = {f.shape for f in frames}
+  if len(shapes) != 1:
+    raise CorruptVideoError(info.path, f"frames change size mid-stream: {sorted(shapes)}")
+  bgr = np.stack(frames)[inverse]
+  return bgr[..., ::-1].copy()  # BGR -> RGB
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VideoFrames:
+  """One sampled, resized, normalised video ready for the vision tower.
+
+  pixel_values: float32 `[gt*gh*gw, 3*tp*14*14]` in Qwen's patch order (not window order).
+  grid_thw: int64 `[3]` = (gt, gh, gw) in patches.
+  frame_indices: int64 `[n]` decoded frame indices; timestamps: float64 `[n]` seconds.
+  total_frames: frames the video really has (the container's count unless it over-reported).
+  sampled_fps: n / window_frames * video_fps; second_per_grid = temporal_patch_size / sampled_fps
+  (M-RoPE temporal spacing). frames_uint8: resized uint8 `[n, h, w, 3]` RGB if requested.
+  """
+  pixel_values: np.ndarray
+  grid_thw: np.ndarray
+  frame_indices: np.ndarray
+  timestamps: np.ndarray
+  video_fps: float
+  total_frames: int
+  sampled_fps: float
+  second_per_grid: float
+  path: str
+  frames_uint8: np.ndarray | None = None
+
+
+def load_video(path: str | os.PathLike, sampling: VideoSampling = VideoSampling(), *,
+               keep_uint8: bool = False,
+               on_truncated: Literal["resample", "raise"] = "resample") -> VideoFrames:
+  """Decode, sample, resize, normalise and patchify one video as qwen-vl-utils + HF would.
+
+  on_truncated: when the container over-reports its frame count (reads fail before the end),
+  "resample" re-samples the indices over the frames that really decode; "raise" raises
+  TruncatedVideoError. Both raise when too few frames decode for the requested nframes.
+  """
+  path = os.fspath(path)
+  cap, info = _open(path)
+  try:
+    total = info.total_frames
+    if total <= 0:  # some containers store no count: count by decoding (rare, slow path)
+      total = _count_decodable(path, info, -1)
+      if total == 0:
+        raise _no_frames_error(info)
+    for attempt in range(2):
+      try:
+        indices = sample_frame_indices(total, info.fps, sampling)
+      except ValueError as e:
+        raise TruncatedVideoError(path, f"cannot sample this video: {e}",
+                                  decodable_frames=total) from None
+      try:
+        rgb = decode_frames(path, indices, _cap=cap, _info=info)
+        break
+      except TruncatedVideoError as e:
+        if on_truncated == "raise" or attempt == 1 or e.decodable_frames in (None, total):
+          raise
+        total = e.decodable_frames
+        cap.release()  # failed reads leave the decoder at an unknown position: start afresh
+        cap, info = _open(path)
+  finally:
+    cap.release()
+  n = len(indices)
+  _, _, window = frame_window(total, info.fps, sampling.start, sampling.end)
+  h, w = video_resize_dims(rgb.shape[1], rgb.shape[2], n, sampling)
+  resized = resize_frames(rgb, h, w, sampling.resize)
+  pixel_values, grid_thw = patchify(normalize(resized), sampling.temporal_patch_size,
+                                    sampling.patch_size, sampling.merge_size)
+  sampled_fps = n / window * info.fps
+  return VideoFrames(
+      pixel_values=pixel_values, grid_thw=grid_thw, frame_indices=indices,
+      timestamps=indices / info.fps, video_fps=info.fps, total_frames=total,
+      sampled_fps=sampled_fps, second_per_grid=sampling.temporal_patch_size / sampled_fps,
+      path=path, frames_uint8=resized if keep_uint8 else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFrames:
+  """One image for the vision tower: pixel_values `[gh*gw, 1176]`, grid_thw (1, gh, gw)."""
+  pixel_values: np.ndarray
+  grid_thw: np.ndarray
+  path: str
+
+
+def load_image(path: str | os.PathLike, min_pixels: int = IMAGE_MIN_PIXELS,
+               max_pixels: int = IMAGE_MAX_PIXELS, *, patch_size: int = 14,
+               merge_size: int = 2, temporal_patch_size: int = 2,
+               resize: ResizeMethod = "exact") -> ImageFrames:
+  """Load an image file as the HF Qwen2-VL image processor does (the frame is repeated over the
+  temporal patch, so grid_t = 1). Alpha is dropped. Raises ImageError."""
+  path = os.fspath(path)
+  _check_file(path, ImageError)
+  bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+  if bgr is None:
+    raise ImageError(path, "OpenCV cannot decode the image (corrupt or unsupported format)")
+  rgb = bgr[None, ..., ::-1]
+  try:
+    h, w = smart_resize(rgb.shape[1], rgb.shape[2], patch_size * merge_size, min_pixels, max_pixels)
+  except ValueError as e:
+    raise ImageError(path, str(e)) from None
+  resized = resize_frames(np.ascontiguousarray(rgb), h, w, resize)
+  pixel_values, grid_thw = patchify(normalize(resized), temporal_patch_size, patch_size,
+                                    merge_size)
+  return ImageFrames(pixel_values=pixel_values, grid_thw=grid_thw, path=path)
