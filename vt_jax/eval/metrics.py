@@ -181,8 +181,9 @@ def bleu1_corpus(candidates: Sequence[str], references: Sequence[str]) -> float:
 def meteor(candidate: str, reference: str) -> float:
   """Original METEOR in [0, 1] with exact then Porter-stem unigram matching (see module docstring).
 
-  Alignment: stage by stage, each unmatched candidate word takes the unmatched reference word with the
-  same key that continues the previous match if there is one (fewer chunks), else the first one.
+  Alignment (a greedy stand-in for METEOR's fewest-crossings search): stage by stage, each unmatched
+  candidate word takes the unmatched reference word with the same key that continues the previous
+  match if there is one, else the one that starts the longest run of matching words, else the first.
   """
   cand, ref = tokenize(candidate), tokenize(reference)
   if not cand or not ref:
@@ -198,7 +199,10 @@ def meteor(candidate: str, reference: str) -> float:
       if not free:
         continue
       prev = align[i - 1] if i > 0 else -2
-      j = prev + 1 if prev + 1 in free else free[0]
+      if prev + 1 in free:
+        j = prev + 1
+      else:
+        j = max(free, key=lambda f: (_run_length(cand_keys, ref_keys, used, i, f), -f))
       align[i], used[j] = j, True
   pairs = [(i, j) for i, j in enumerate(align) if j >= 0]
   m = len(pairs)
@@ -208,6 +212,15 @@ def meteor(candidate: str, reference: str) -> float:
   p, r = m / len(cand), m / len(ref)
   f_mean = 10 * p * r / (r + 9 * p)
   return f_mean * (1 - 0.5 * (chunks / m) ** 3)
+
+
+def _run_length(cand_keys: list[str], ref_keys: list[str], used: list[bool], i: int, j: int) -> int:
+  """How many words match in a row from cand[i] / ref[j] (reference words not yet used)."""
+  n = 0
+  while (i + n < len(cand_keys) and j + n < len(ref_keys) and not used[j + n]
+         and cand_keys[i + n] == ref_keys[j + n]):
+    n += 1
+  return n
 
 
 def caption_metrics(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
