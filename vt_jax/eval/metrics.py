@@ -360,14 +360,15 @@ def porter_stem(word: str) -> str:
 # All metrics of one run.
 
 
-def _pct(num: float, den: float) -> float:
-  return 100.0 * num / den if den else 0.0
+def _pct(num: float, den: float) -> float | None:
+  """A percentage; None (not 0) when nothing was counted, so an empty category never reads as 0%."""
+  return 100.0 * num / den if den else None
 
 
 def compute_metrics(records: Sequence[PredictionRecord]) -> dict[str, Any]:
   """The metrics of one run from its prediction records (any order; each id once).
 
-  Returns a JSON-ready dict: counts (items, evaluated, missing videos, unreadable videos), `accuracy`
+  Rates over zero items are None. Returns a JSON-ready dict: counts (items, evaluated, missing videos, unreadable videos), `accuracy`
   (correct / evaluated) and `accuracy_all_items` (missing = wrong), `per_category` (a multi-label item
   counts in each of its categories), `answer_parse_rate`, `format_rate`, `mean_output_length` (tokens
   when every evaluated record has a count, else words; `length_unit` says which), `grounding` (over
@@ -422,7 +423,7 @@ def compute_metrics(records: Sequence[PredictionRecord]) -> dict[str, Any]:
       "accuracy_all_items": _pct(n_correct, len(scored)),
       "answer_parse_rate": _pct(sum(r.pred is not None for r in ok), len(ok)),
       "format_rate": _pct(sum(r.well_formed for r in ok), len(ok)),
-      "mean_output_length": float(np.mean(lengths)) if lengths else 0.0,
+      "mean_output_length": float(np.mean(lengths)) if lengths else None,
       "length_unit": unit,
       "per_category": dict(sorted(per_category.items())),
       "grounding": grounding,

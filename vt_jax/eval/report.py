@@ -51,21 +51,23 @@ def plot_category_accuracy(summary: dict[str, Any], path: str) -> str:
   """Horizontal bars: accuracy (correct / evaluated) per category, with the overall line."""
   run, metrics = summary["run"], summary["metrics"]
   cats = ordered_categories(run["benchmark"], list(metrics["per_category"]))
-  accs = [metrics["per_category"][c]["accuracy"] for c in cats]
+  raw = [metrics["per_category"][c]["accuracy"] for c in cats]  # None: nothing evaluated there
+  accs = [a or 0.0 for a in raw]
   counts = [metrics["per_category"][c]["n_evaluated"] for c in cats]
   fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(cats), 2) + 1.4))
   y = range(len(cats))
   ax.barh(list(y), accs, color="#4c72b0")
   ax.set_yticks(list(y), [f"{c} (n={n})" for c, n in zip(cats, counts)])
   ax.invert_yaxis()
-  ax.axvline(metrics["accuracy"], color="#c44e52", linestyle="--",
-             label=f"overall {metrics['accuracy']:.1f}%")
-  for yi, a in zip(y, accs):
-    ax.text(min(a + 1, 95), yi, f"{a:.1f}", va="center", fontsize=8)
+  if metrics["accuracy"] is not None:
+    ax.axvline(metrics["accuracy"], color="#c44e52", linestyle="--",
+               label=f"overall {metrics['accuracy']:.1f}%")
+    ax.legend(loc="lower right", fontsize=8)
+  for yi, a in zip(y, raw):
+    ax.text(min((a or 0.0) + 1, 95), yi, "n/a" if a is None else f"{a:.1f}", va="center", fontsize=8)
   ax.set_xlim(0, 100)
   ax.set_xlabel("accuracy (%)")
   ax.set_title(f"{_title(run['benchmark'])}, {run.get('nframes', '?')} frames, {run.get('model', '')}")
-  ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -78,7 +80,8 @@ def plot_accuracy_vs_frames(summaries: Sequence[dict[str, Any]], path: str) -> s
   for s in summaries:
     run = s["run"]
     key = (run["benchmark"], run.get("model", "?"))
-    series.setdefault(key, []).append((int(run["nframes"]), s["metrics"]["accuracy"]))
+    if s["metrics"]["accuracy"] is not None:
+      series.setdefault(key, []).append((int(run["nframes"]), s["metrics"]["accuracy"]))
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for (bench, model), points in sorted(series.items()):
     points.sort()
