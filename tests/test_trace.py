@@ -63,3 +63,12 @@ def test_ground_truth_letter():
 ])
 def test_is_well_formed(text, ok):
   assert trace.is_well_formed(text) is ok
+
+
+@pytest.mark.timeout(20)  # a hang guard: the quadratic regex scan took minutes on this input
+def test_garbage_unclosed_tags():
+  garbage = "<answer>" * 50000 + "<time>" * 50000
+  assert trace.extract_answer(garbage) is None
+  assert not trace.is_well_formed(garbage)
+  assert trace.answer_tags(garbage) == []
+  assert trace.answer_tags("<answer>A<answer>B</answer> <answer>C</answer>") == ["A<answer>B", "C"]

@@ -20,7 +20,6 @@ _TRIPLET_RE = re.compile(
     re.S,
 )
 _TIME_RE = re.compile(r"<time>([^<]*)</time>", re.S)
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 _GT_RE = re.compile(r"<answer>\s*([A-Z])\s*</answer>")
 _STAMP_RE = re.compile(r"^\s*(?:(\d+):)?(\d+):(\d+(?:\.\d+)?)\s*$")
 _SECONDS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s?\s*$")
@@ -82,9 +81,24 @@ def parse_clues(text: str) -> list[Clue]:
   return clues
 
 
+def _answer_bodies(text: str) -> list[str]:
+  """Bodies of `<answer>...</answer>` pairs (each open tag closes at the next close tag), in linear time:
+  a regex findall rescans to the end from every unclosed tag, quadratic on garbage rollouts."""
+  bodies, pos = [], 0
+  while True:
+    start = text.find("<answer>", pos)
+    if start < 0:
+      return bodies
+    end = text.find("</answer>", start + 8)
+    if end < 0:
+      return bodies
+    bodies.append(text[start + 8:end])
+    pos = end + 9
+
+
 def answer_tags(text: str) -> list[str]:
   """Contents of every `<answer>...</answer>`, stripped."""
-  return [a.strip() for a in _ANSWER_RE.findall(text)]
+  return [a.strip() for a in _answer_bodies(text)]
 
 
 def ground_truth_letter(solution: str) -> str | None:
@@ -101,7 +115,7 @@ def extract_answer(text: str, valid_letters: str | None = None) -> str | None:
   `valid_letters` (e.g. "ABCD") restricts what counts as an option letter. Returns None when nothing
   letter-like is found (scored as wrong).
   """
-  answers = _ANSWER_RE.findall(text)
+  answers = _answer_bodies(text)
   if answers:
     candidate = answers[-1]
   elif "Final answer:" in text:
@@ -127,8 +141,10 @@ def is_well_formed(text: str) -> bool:
   equal open/close counts of the three tags with every tag inside a well-formed triplet, exactly one
   `<answer>` holding a single capital letter, and nothing but whitespace after `</answer>`.
   """
-  answers = _ANSWER_RE.findall(text)
-  if len(answers) != 1 or text.count("<answer>") != 1 or text.count("</answer>") != 1:
+  if text.count("<answer>") != 1 or text.count("</answer>") != 1:
+    return False
+  answers = _answer_bodies(text)
+  if len(answers) != 1:
     return False
   if not re.fullmatch(r"\s*[A-Z]\s*", answers[0]):
     return False
