@@ -26,7 +26,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; max-width: 1100px; color: #222; }
 h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
 .question { white-space: pre-wrap; font-size: 1.05em; }
-.options li.pred { font-weight: bold; }
+.options { list-style: none; padding-left: 1em; } .options li.pred { font-weight: bold; }
 .answer { font-size: 1.1em; padding: 6px 10px; background: #eef6ee; display: inline-block; }
 .clue { border: 1px solid #ccc; border-radius: 6px; padding: 10px; margin: 12px 0; }
 .span { font-family: monospace; font-weight: bold; color: #1a5fb4; }
@@ -106,11 +106,11 @@ def render_trace_html(question: str, options: Sequence[str], trace_text: str, fr
   body = [f"<h1>{html.escape(title)}</h1>", "<h2>Question</h2>",
           f'<div class="question">{html.escape(question)}</div>']
   if options:
-    body.append('<ol class="options" type="A">')
+    body.append('<ul class="options">')
     for letter, opt in zip(letters or "", options):
       css = ' class="pred"' if letter == pred else ""
       body.append(f"<li{css}>{html.escape(opt)}</li>")
-    body.append("</ol>")
+    body.append("</ul>")
   body.append(f'<p class="answer">Parsed answer: <b>{html.escape(pred or "none")}</b> · format '
               f'{"well-formed" if well_formed else "NOT well-formed"}</p>')
 

@@ -64,8 +64,8 @@ def plot_category_accuracy(summary: dict[str, Any], path: str) -> str:
                label=f"overall {metrics['accuracy']:.1f}%")
     ax.legend(loc="lower right", fontsize=8)
   for yi, a in zip(y, raw):
-    ax.text(min((a or 0.0) + 1, 95), yi, "n/a" if a is None else f"{a:.1f}", va="center", fontsize=8)
-  ax.set_xlim(0, 100)
+    ax.text((a or 0.0) + 1, yi, "n/a" if a is None else f"{a:.1f}", va="center", fontsize=8)
+  ax.set_xlim(0, 110)  # room for the value labels
   ax.set_xlabel("accuracy (%)")
   ax.set_title(f"{_title(run['benchmark'])}, {run.get('nframes', '?')} frames, {run.get('model', '')}")
   fig.tight_layout()
@@ -86,13 +86,15 @@ def plot_accuracy_vs_frames(summaries: Sequence[dict[str, Any]], path: str) -> s
   for (bench, model), points in sorted(series.items()):
     points.sort()
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{_title(bench)}: {model}")
+  frames = {p[0] for pts in series.values() for p in pts}
   for bench in sorted({k[0] for k in series}):
     paper = [r for n in (16, 32, 64) for r in published.published_accuracy(bench, n)
              if r.model == "Video-Thinker-7B"]
+    frames |= {r.nframes for r in paper}
     if paper:
       ax.plot([r.nframes for r in paper], [r.accuracy for r in paper], linestyle=":", marker="x",
               color="gray", label=f"{_title(bench)}: Video-Thinker-7B (paper)")
-  frames = sorted({p[0] for pts in series.values() for p in pts})
+  frames = sorted(frames)
   ax.set_xscale("log", base=2)
   ax.set_xticks(frames, [str(f) for f in frames])
   ax.set_xlabel("frames per video")
