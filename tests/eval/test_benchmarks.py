@@ -191,3 +191,16 @@ def test_unreadable_files_and_duplicate_ids(tmp_path):
   dup = _write(tmp_path, "dup.json", [_holmes(), _holmes()])
   with pytest.raises(BenchmarkFormatError, match="duplicate item id 'v1_1'"):
     load_benchmark("video_holmes", dup, str(tmp_path))
+
+
+def test_synthetic_dataset_format(tmp_path):
+  found = _touch(tmp_path, "videos/test_00000.mp4")
+  [item] = load_benchmark("synthetic", os.path.join(FIX, "synthetic_test.json"), str(tmp_path))
+  assert item.benchmark == "synthetic" and item.id == "256" and item.video_path == found
+  assert item.category == "direction" and item.answer == "D"
+  assert item.gt_spans == [(3.0, 9.0)]                                     # from `segments`
+  assert item.reference_captions == ["A blue triangle moves to the right."]  # from the reference trace
+  bad = _write(tmp_path, "bad.json", [{"problem": "q", "options": ["A. a", "B. b"], "path": "v.mp4",
+                                       "solution": "<answer>A</answer>", "segments": [[3, 9], [9, 2]]}])
+  with pytest.raises(BenchmarkFormatError, match=r"record 0, field 'segments\[1\]'"):
+    load_benchmark("synthetic", bad, str(tmp_path))

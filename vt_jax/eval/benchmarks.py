@@ -188,15 +188,15 @@ def _letter(rec: _Record, field: str, n_options: int) -> str:
 
 def _spans_seconds(rec: _Record, field: str) -> list[tuple[float, float]]:
   """`[[start, end], ...]` in seconds (int or float)."""
-  value = rec.get(field, list)
-  spans = []
-  for i, span in enumerate(value):
-    ok = (isinstance(span, (list, tuple)) and len(span) == 2
-          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in span))
-    if not ok or span[1] < span[0]:
-      raise rec.error(f"{field}[{i}]", f"expected [start, end] in seconds with start <= end, got {span!r}")
-    spans.append((float(span[0]), float(span[1])))
-  return spans
+  return [_span_seconds(rec, f"{field}[{i}]", span) for i, span in enumerate(rec.get(field, list))]
+
+
+def _span_seconds(rec: _Record, label: str, span: Any) -> tuple[float, float]:
+  ok = (isinstance(span, (list, tuple)) and len(span) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in span))
+  if not ok or span[1] < span[0]:
+    raise rec.error(label, f"expected [start, end] in seconds with start <= end, got {span!r}")
+  return float(span[0]), float(span[1])
 
 
 _BRACKET_SPAN_RE = re.compile(r"\[\s*([\d:.]+)\s*->\s*([\d:.]+)\s*\]")
@@ -520,8 +520,9 @@ def load_video_r1(annotation: str, video_root: str, benchmark: str = "video_r1",
   are skipped with a logged count, since they have no option letter.
 
   Optional fields: the category (first present of `category`, `question_type`,
-  `original_question_type`, `data_source`; else the benchmark name); `gt_spans` (list of [s, e] seconds
-  or "MM:SS-MM:SS" strings); `captions` (reference captions, aligned with `gt_spans`); `start`/`end`.
+  `original_question_type`, `data_source`; else the benchmark name); `gt_spans` or `segments` (list of
+  [s, e] seconds or "MM:SS-MM:SS" strings); `captions` (reference captions, aligned with the spans);
+  `start`/`end`.
   With `gt_from_process`, the `<time>` windows and `<caption>`s of the record's `process` trace become
   the gt spans and reference captions (the in-domain test traces were written from annotated segments).
   """
@@ -596,17 +597,19 @@ def _video_r1_candidates(rel: str, strip_evaluation_prefix: bool) -> list[str]:
 
 
 def _optional_spans(rec: _Record) -> list[tuple[float, float]]:
-  if "gt_spans" not in rec.record:
+  """`gt_spans` or `segments` (the synthetic set's name): [s, e] seconds or "MM:SS-MM:SS" strings."""
+  field = next((f for f in ("gt_spans", "segments") if f in rec.record), None)
+  if field is None:
     return []
   spans = []
-  for j, s in enumerate(rec.get("gt_spans", list)):
+  for j, s in enumerate(rec.get(field, list)):
     if isinstance(s, str):
       span = trace.parse_span(s.strip())
       if span is None:
-        raise rec.error(f"gt_spans[{j}]", f"expected 'MM:SS-MM:SS', got {s!r}")
+        raise rec.error(f"{field}[{j}]", f"expected 'MM:SS-MM:SS', got {s!r}")
       spans.append(span)
     else:
-      spans.extend(_spans_seconds(_Record(rec.path, rec.index, {"gt_spans": [s]}), "gt_spans"))
+      spans.append(_span_seconds(rec, f"{field}[{j}]", s))
   return spans
 
 
@@ -619,9 +622,9 @@ def _optional_captions(rec: _Record) -> list[str]:
   return list(captions)
 
 
-def _video_r1_named(benchmark: str) -> Callable[..., list[EvalItem]]:
+def _video_r1_named(benchmark: str, **defaults: Any) -> Callable[..., list[EvalItem]]:
   def load(annotation: str, video_root: str, **opts: Any) -> list[EvalItem]:
-    return load_video_r1(annotation, video_root, benchmark=benchmark, **opts)
+    return load_video_r1(annotation, video_root, benchmark=benchmark, **{**defaults, **opts})
   load.__doc__ = f"{benchmark}: a Video-R1-style JSON (see load_video_r1)."
   return load
 
@@ -638,6 +641,9 @@ BENCHMARKS: dict[str, Adapter] = {
     "youcook2": _video_r1_named("youcook2"),
     "scalelong": _video_r1_named("scalelong"),
     "video_r1": load_video_r1,
+    # vt_jax.data.synthetic's test.json: its reference traces' windows are the gt segments, so their
+    # captions are the reference captions of the grounding/caption metrics.
+    "synthetic": _video_r1_named("synthetic", gt_from_process=True),
 }
 
 
