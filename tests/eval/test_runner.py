@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from vt_jax.data.video import VideoSampling, load_video
 from vt_jax.eval import runner
 from vt_jax.eval.benchmarks import load_benchmark
 from vt_jax.eval.runner import GenerationResult, PredictionsFileError, run_eval
@@ -136,6 +137,26 @@ def test_item_errors_retry_one_by_one(bench, tmp_path):
   assert m["n_video_error"] == 1 and m["n_evaluated"] == 4 and m["n_correct"] == 3
   bad = [r for r in m["not_evaluated"] if r["status"] == "video_error"][0]
   assert bad["id"] == "vid_bad_5" and bad["error"].startswith("VideoUnreadable:")
+
+
+def test_real_frame_loader_errors_are_caught_by_default(bench, tmp_path):
+  """A generate_fn that lets vt_jax.data.video.load_video raise: the corrupt file is one video_error."""
+  sampling = VideoSampling(nframes=4, min_pixels=56 * 56, max_pixels=56 * 56)
+  calls = []
+
+  def generate(batch):
+    calls.append([it.id for it in batch])
+    frames = [load_video(it.video_path, sampling, keep_uint8=True) for it in batch]  # raises VideoError
+    assert all(f.frames_uint8.shape == (4, 56, 56, 3) for f in frames)
+    return [GenerationResult(text=OUTPUTS[it.id]) for it in batch]
+
+  summary = run_eval(bench, generate, str(tmp_path / "run"), batch_size=8, progress=False)
+  assert calls[0] == ["vid_a_1", "vid_a_2", "vid_b_3", "vid_b_4", "vid_bad_5"] and ["vid_bad_5"] in calls
+  m = summary["metrics"]
+  assert (m["n_evaluated"], m["n_video_error"], m["n_missing_video"], m["n_correct"]) == (4, 1, 1, 3)
+  assert m["length_unit"] == "words"                                   # no token counts given
+  bad = [r for r in m["not_evaluated"] if r["status"] == "video_error"][0]
+  assert bad["error"].startswith("CorruptVideoError:") and "vid_bad.mp4" in bad["error"]
 
 
 def test_guards(bench, tmp_path):

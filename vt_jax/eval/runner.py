@@ -3,8 +3,8 @@
     summary = run_eval(items, generate_fn, "runs/eval/holmes16", batch_size=8, nframes=16, model="ckpt")
 
 The model stays behind `generate_fn(list[EvalItem]) -> list[GenerationResult]`, one result per item, in
-order; a video it cannot decode comes back as a result with `error` set (or, with `item_errors`, as
-one of those exceptions, after which the batch is retried item by item to find the bad one). Videos
+order; a video it cannot decode comes back as a result with `error` set, or as a raised `VideoError`
+(any of `item_errors`), after which the batch is retried item by item to find the bad one. Videos
 that do not exist are found here, before any generation, and recorded as missing.
 
 Outputs in `out_dir`:
@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
+from vt_jax.data.video import VideoError
 from vt_jax.eval import metrics as metrics_lib
 from vt_jax.eval import report as report_lib
 from vt_jax.eval.benchmarks import EvalItem
@@ -146,13 +147,15 @@ def _check_run_identity(out_dir: str, identity: dict[str, Any]) -> None:
 def run_eval(items: Sequence[EvalItem], generate_fn: GenerateFn, out_dir: str, batch_size: int = 8, *,
              nframes: int = 16, model: str = "model", benchmark: str | None = None,
              options: dict[str, Any] | None = None,
-             item_errors: tuple[type[BaseException], ...] = (), progress: bool = True) -> dict[str, Any]:
+             item_errors: tuple[type[BaseException], ...] = (VideoError,),
+             progress: bool = True) -> dict[str, Any]:
   """Evaluates `items` (resuming from out_dir/predictions.jsonl) and writes metrics, report and plots.
 
   items: the benchmark's items (ids unique). generate_fn: see module docstring; called with at most
   `batch_size` items whose videos exist. nframes/model/options describe the run (they name the report
   and guard resumption). item_errors: exception types from generate_fn that mean "this item's video is
-  unreadable" (e.g. `(VideoError,)`); others propagate (the run can then be resumed).
+  unreadable" (default: the frame loader's `VideoError`, so a generate_fn may simply let
+  `load_video` raise); others propagate (the run can then be resumed).
   Returns the summary written to metrics.json: {"run": {...}, "metrics": {...}}.
   """
   if batch_size < 1:
