@@ -204,3 +204,14 @@ def test_synthetic_dataset_format(tmp_path):
                                        "solution": "<answer>A</answer>", "segments": [[3, 9], [9, 2]]}])
   with pytest.raises(BenchmarkFormatError, match=r"record 0, field 'segments\[1\]'"):
     load_benchmark("synthetic", bad, str(tmp_path))
+
+
+def test_resolver_never_guesses_between_same_named_files(tmp_path):
+  a = _touch(tmp_path, "part1/Cm73ma6Ibcs.mp4")
+  resolver = benchmarks.VideoResolver(str(tmp_path))
+  assert resolver.resolve(["Cm73ma6Ibcs.mp4"]) == a                             # unique: found by basename
+  _touch(tmp_path, "part2/Cm73ma6Ibcs.mp4")
+  resolver = benchmarks.VideoResolver(str(tmp_path))
+  assert resolver.resolve(["Cm73ma6Ibcs.mp4"]) == os.path.join(str(tmp_path), "Cm73ma6Ibcs.mp4")  # ambiguous
+  assert benchmarks.VideoResolver(str(tmp_path), search_by_basename=False).resolve(["x/Cm73ma6Ibcs.mp4"]) == \
+      os.path.join(str(tmp_path), "x/Cm73ma6Ibcs.mp4")

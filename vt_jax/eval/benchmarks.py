@@ -128,7 +128,8 @@ class _Record:
     return BenchmarkFormatError(self.path, self.index, None if field is None else self.prefix + field, reason)
 
   def get(self, field: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
-    if field not in self.record:
+    """The field's value, type-checked; an optional field (default given) may be absent or null."""
+    if field not in self.record or (default is not ... and self.record[field] is None):
       if default is not ...:
         return default
       raise self.error(field, f"missing (record has {sorted(self.record)})")
@@ -217,8 +218,9 @@ class VideoResolver:
 
   Archive layouts differ from the annotation paths (`videos/` vs `videos_cropped/`, `v001` vs
   `v001_360p`, `./Evaluation/` prefixes), so the basename index is the fallback; it is built once, on
-  the first miss. A video found nowhere resolves to the first candidate (the path the format implies),
-  which the runner then reports as missing.
+  the first miss. A basename found in more than one place is ambiguous and is not used (a wrong video
+  would silently give wrong answers). A video found nowhere resolves to the first candidate (the path
+  the format implies), which the runner then reports as missing.
   """
 
   def __init__(self, root: str, search_by_basename: bool = True):
@@ -226,14 +228,15 @@ class VideoResolver:
     self.search_by_basename = search_by_basename
     self._index: dict[str, str] | None = None
 
-  def _basename_index(self) -> dict[str, str]:
+  def _basename_index(self) -> dict[str, str | None]:
+    """file name -> its path under root, or None when several files share the name."""
     if self._index is None:
       self._index = {}
       if os.path.isdir(self.root):
         for dirpath, _, filenames in os.walk(self.root):
           for name in filenames:
             if name.endswith(VIDEO_EXTENSIONS):
-              self._index.setdefault(name, os.path.join(dirpath, name))
+              self._index[name] = None if name in self._index else os.path.join(dirpath, name)
     return self._index
 
   def resolve(self, candidates: Sequence[str], stem: str | None = None) -> str:
@@ -248,8 +251,10 @@ class VideoResolver:
       if stem is not None:
         names += [stem + ext for ext in VIDEO_EXTENSIONS]
       for name in names:
-        if name in index:
+        if index.get(name):
           return index[name]
+        if name in index:
+          log.warning("%s: several files named %s; not guessing which is meant", self.root, name)
     return paths[0]
 
 
@@ -510,13 +515,14 @@ _CATEGORY_FIELDS = ("category", "question_type", "original_question_type", "data
 
 def load_video_r1(annotation: str, video_root: str, benchmark: str = "video_r1",
                   video_roots: dict[str, str] | None = None, strip_evaluation_prefix: bool = True,
-                  gt_from_process: bool = False, search_by_basename: bool = True) -> list[EvalItem]:
+                  gt_from_process: bool = False, search_by_basename: bool = False) -> list[EvalItem]:
   """Video-R1 / Video-Thinker JSON (list) or JSONL (benchmark_formats.md §6, video_thinker.md "Data").
 
   `options` are "A. text" strings; `solution` is "<answer>X</answer>"; `path` is relative and may begin
   "./Evaluation/<Bench>/..." (the official script's double "Evaluation" quirk: we strip "./" and try with
   and without the "Evaluation/" prefix). `video_roots` maps `data_source` to its own root (the
-  Video-Thinker layout). Only `problem_type == "multiple choice"` (or absent) is scored; other types
+  Video-Thinker layout). The paths are explicit and basenames repeat across sub-benchmarks, so search
+  by basename is off unless asked for. Only `problem_type == "multiple choice"` (or absent) is scored; other types
   are skipped with a logged count, since they have no option letter.
 
   Optional fields: the category (first present of `category`, `question_type`,
