@@ -368,8 +368,8 @@ def _pct(num: float, den: float) -> float | None:
 def compute_metrics(records: Sequence[PredictionRecord]) -> dict[str, Any]:
   """The metrics of one run from its prediction records (any order; each id once).
 
-  Rates over zero items are None. Returns a JSON-ready dict: counts (items, evaluated, missing videos, unreadable videos), `accuracy`
-  (correct / evaluated) and `accuracy_all_items` (missing = wrong), `per_category` (a multi-label item
+  Rates over zero items are None. Returns a JSON-ready dict: counts (items, evaluated, missing
+  videos, unreadable videos), `accuracy` (correct / evaluated) and `accuracy_all_items` (missing = wrong), `per_category` (a multi-label item
   counts in each of its categories), `answer_parse_rate`, `format_rate`, `mean_output_length` (tokens
   when every evaluated record has a count, else words; `length_unit` says which), `grounding` (over
   evaluated items with gt spans; None if there are none), `captions` (over evaluated items with
