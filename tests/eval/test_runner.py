@@ -1,5 +1,6 @@
 """The evaluation runner end to end with a scripted generate_fn: a missing video, an unreadable one,
 streaming, resumption after a crash, the report and the run-comparison CLI."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -196,3 +197,11 @@ def test_report_cli_compares_runs(bench, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "vt_jax.eval.report", str(tmp_path), "--out", out], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "metrics.json" in bad.stderr
+
+
+def test_item_sampling_uses_the_clip(bench):
+  base = VideoSampling(nframes=16)
+  assert runner.item_sampling(bench[0], base) is base
+  clip = dataclasses.replace(bench[0], start=11.1, end=19.6)
+  s = runner.item_sampling(clip, base)
+  assert (s.start, s.end, s.nframes) == (11.1, 19.6, 16)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from vt_jax.data.video import VideoError
+from vt_jax.data.video import VideoError, VideoSampling
 from vt_jax.eval import metrics as metrics_lib
 from vt_jax.eval import report as report_lib
 from vt_jax.eval.benchmarks import EvalItem
@@ -52,6 +52,13 @@ class GenerationResult:
 
 
 GenerateFn = Callable[[list[EvalItem]], list[GenerationResult]]
+
+
+def item_sampling(item: EvalItem, sampling: VideoSampling) -> VideoSampling:
+  """The run's frame sampling for one item, restricted to the item's clip (STAR's start/end) if any."""
+  if item.start is None and item.end is None:
+    return sampling
+  return dataclasses.replace(sampling, start=item.start, end=item.end)
 
 
 class PredictionsFileError(ValueError):
