@@ -1,0 +1,176 @@
+"""Building blocks shared by the vision tower and the text decoder: parameters with logical axis names,
+Linear, RMSNorm, activations, rotary embeddings (M-RoPE and the vision tower's 2D rotary), layer stacking
+and the scan over stacked layers with a remat policy.
+
+Every parameter carries its logical axis names in the `out_sharding` metadata (e.g. ("embed", "mlp")); the
+mapping to mesh axes lives only in `sharding.py`. Parameters are created with eager sharding off, so a model
+can be built anywhere; `sharding.create_model` places them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vt_jax.model import sharding
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
+  """A parameter initialised by `init(key, shape, dtype)` and tagged with logical axis names."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+normal_init = jax.nn.initializers.normal(0.02)
+zeros_init = jax.nn.initializers.zeros
+ones_init = jax.nn.initializers.ones
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias). kernel `[*in_shape, *out_shape]`; x `[..., *in_shape]` -> `[..., *out_shape]`.
+
+  The kernel is stored in param_dtype and cast to the compute dtype at use (fp32 master weights, bf16 math);
+  matmuls accumulate in fp32.
+  """
+
+  def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], *, axes: Axes,
+               bias: bool, rngs: nnx.Rngs | None, param_dtype=jnp.float32, dtype=jnp.float32):
+    self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+    self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+    self.dtype = dtype
+    self.kernel = param(rngs, normal_init, self.in_shape + self.out_shape, axes, param_dtype)
+    n_in = len(self.in_shape)
+    self.bias = param(rngs, zeros_init, self.out_shape, axes[n_in:], param_dtype) if bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_shape)
+    kernel = self.kernel[...].astype(self.dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())),
+                            preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * weight, normalised in fp32 and cast back before the scale (as Qwen does)."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32, dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.weight = param(None, ones_init, (dim,), ("norm",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name == "silu":
+    return jax.nn.silu
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == "gelu_pytorch_tanh":
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  raise ValueError(f"unsupported activation {name!r}")
+
+
+# ---- rotary embeddings -------------------------------------------------------------------------------------
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x `[B, L, heads, head_dim]`, cos/sin `[B, L, head_dim]` fp32 -> rotated x in x's dtype (math in fp32)."""
+  x32 = x.astype(jnp.float32)
+  out = x32 * cos[:, :, None, :] + rotate_half(x32) * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
+                  section: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """M-RoPE tables. positions `[3, B, L]` (t, h, w) -> cos, sin `[B, L, head_dim]` fp32.
+
+  Frequency i of the head_dim/2 takes its angle from stream t, h or w according to `section`
+  (e.g. [16, 24, 24]); the same choice repeats in both rotate-half halves.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [hd/2]
+  stream = jnp.repeat(jnp.arange(3), jnp.asarray(section), total_repeat_length=head_dim // 2)  # [hd/2]
+  pos = jnp.take(positions.astype(jnp.float32), stream, axis=0)  # [hd/2, B, L]
+  freqs = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B, L, hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def vision_cos_sin(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """2D rotary of the vision tower. pos_hw `[B, P, 2]` (row, col) -> cos, sin `[B, P, head_dim]` fp32.
+
+  head_dim/4 frequencies; the row angles fill the first quarter, the column angles the second, and the
+  half repeats (rotate-half convention).
+  """
+  quarter = head_dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))  # [hd/4]
+  freqs = pos_hw.astype(jnp.float32)[..., None] * inv_freq  # [B, P, 2, hd/4]
+  freqs = freqs.reshape(*freqs.shape[:-2], quarter)  # [B, P, hd/2]: h freqs then w freqs
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+# ---- stacked layers ------------------------------------------------------------------------------------------
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs | None) -> nnx.Module:
+  """Builds `num_layers` copies of a layer as one module whose parameters have a leading "layers" axis."""
+  rngs = rngs if rngs is not None else nnx.Rngs(0)
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(r):
+    return make(r)
+
+  return build(rngs)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: str = "none"):
+  """Runs `body(layer, carry, x) -> (carry, y)` over stacked layers with `jax.lax.scan`.
+
+  `layers` comes from `stack_layers`; each step sees one layer (params sliced along the "layers" axis).
+  `remat` picks what the backward pass keeps: "none" (everything), "full" (only layer inputs),
+  "dots"/"dots_no_batch" (matmul outputs).
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+  graphdef, state = nnx.split(layers)
+
+  def step(c, inputs):
+    layer_state, x = inputs
+    return body(nnx.merge(graphdef, layer_state), c, x)
+
+  if remat != "none":
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(step, carry, (state, xs))
+
+
+def constrain(x: jax.Array, axes: Axes, rules) -> jax.Array:
+  """Activation sharding hook by logical names (a no-op without rules or outside a mesh)."""
+  return sharding.constrain(x, axes, rules)

@@ -1,0 +1,138 @@
+"""Qwen2.5-VL for conditional generation in Flax NNX: vision tower + text decoder + LM head, the merge of
+vision tokens into the text embeddings, logits, and KV-cache prefill / decode.
+
+Batch conventions (see the data pipeline): `positions [3, B, L]` M-RoPE ids, `segment_ids [B, L]` (1..k per
+packed sample, 0 padding), `vision_token_index [B, L]` (-1 for text, else the merged slot of the row's
+vision buffer), vision buffers `[B, P, patch_dim]` in window order with pos_hw / window / group ids.
+All shapes are static: a new (L, P) bucket is a new compile.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vt_jax.model.config import ModelConfig
+from vt_jax.model.layers import Linear, constrain
+from vt_jax.model.text import KVCache, TextDecoder
+from vt_jax.model.vision import VisionTower
+
+
+class Qwen25VL(nnx.Module):
+  """Qwen2.5-VL. `param_dtype` stores weights (fp32 for training, bf16 for inference); `dtype` is the
+  compute dtype (bf16 by default; fp32 for parity tests). `remat`: "none" | "full" | "dots" |
+  "dots_no_batch" for the scanned layers. `attention`: the attention backend ("xla"). `rules`: logical
+  sharding rules for activation constraints (set by `sharding.create_model`).
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.bfloat16,
+               remat: str = "none", attention: str = "xla", rules=None):
+    config.validate()
+    self.config = config
+    self.dtype = dtype
+    self.rules = rules
+    self.visual = VisionTower(config.vision, rngs=rngs, param_dtype=param_dtype, dtype=dtype, remat=remat,
+                              attention_impl=attention, rules=rules)
+    self.text = TextDecoder(config.text, rngs=rngs, param_dtype=param_dtype, dtype=dtype, remat=remat,
+                            attention_impl=attention, rules=rules)
+    if config.text.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, axes=("embed", "vocab"),
+                            bias=False, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+  # ---- pieces --------------------------------------------------------------------------------------------
+
+  def encode_vision(self, pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids):
+    """`[B, P, patch_dim]` window-ordered patches (+ `[B, P, 2]`, `[B, P]`, `[B, P]`) -> `[B, P/4, D]`."""
+    return self.visual(pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids)
+
+  def embed(self, input_ids, *, vision_embeds=None, vision_token_index=None):
+    """Token embeddings `[B, L, D]` with vision tokens put in place: token i takes
+    `vision_embeds[b, vision_token_index[b, i]]` where the index is >= 0 (a gather, so jit-friendly)."""
+    x = self.text.embed(input_ids)
+    if vision_embeds is None:
+      return x
+    if vision_token_index is None:
+      raise ValueError("vision_embeds given without vision_token_index")
+    slot = jnp.maximum(vision_token_index, 0)[..., None]
+    picked = jnp.take_along_axis(vision_embeds.astype(x.dtype), slot, axis=1)
+    return jnp.where(vision_token_index[..., None] >= 0, picked, x)
+
+  def lm_head_kernel(self) -> jax.Array:
+    """The output projection `[D, V]` (the transposed embedding when tied), in the compute dtype."""
+    if self.lm_head is None:
+      return self.text.embed_tokens[...].astype(self.dtype).T
+    return self.lm_head.kernel[...].astype(self.dtype)
+
+  def logits(self, hidden):
+    """Final-normed hidden `[..., D]` -> fp32 logits `[..., V]` (bf16 matmul, fp32 accumulation)."""
+    out = jnp.einsum("...d,dv->...v", hidden.astype(self.dtype), self.lm_head_kernel(),
+                     preferred_element_type=jnp.float32)
+    if out.ndim == 3:
+      out = constrain(out, ("act_batch", "act_length", "act_vocab"), self.rules)
+    return out
+
+  def _input_embeddings(self, input_ids, pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids,
+                        vision_token_index, vision_embeds):
+    if vision_embeds is None and pixel_values is not None:
+      if vision_pos_hw is None or vision_window_ids is None or vision_group_ids is None:
+        raise ValueError("pixel_values needs vision_pos_hw, vision_window_ids and vision_group_ids")
+      vision_embeds = self.encode_vision(pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids)
+    return self.embed(input_ids, vision_embeds=vision_embeds, vision_token_index=vision_token_index)
+
+  # ---- full-sequence forward -----------------------------------------------------------------------------
+
+  def __call__(self, input_ids, positions, segment_ids, *, pixel_values=None, vision_pos_hw=None,
+               vision_window_ids=None, vision_group_ids=None, vision_token_index=None, vision_embeds=None,
+               return_hidden: bool = False):
+    """Forward over packed rows.
+
+    Args:
+      input_ids: `[B, L]` int32; positions: `[3, B, L]`; segment_ids: `[B, L]` (0 = padding).
+      pixel_values ... vision_group_ids: the row's vision buffer (see `encode_vision`), or
+      vision_embeds: `[B, P/4, D]` already encoded; vision_token_index: `[B, L]` (-1 for text).
+      return_hidden: return the final-normed hidden `[B, L, D]` instead of logits (for chunked log-probs).
+
+    Returns:
+      fp32 logits `[B, L, V]`, or hidden `[B, L, D]` in the compute dtype.
+    """
+    x = self._input_embeddings(input_ids, pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids,
+                               vision_token_index, vision_embeds)
+    hidden = self.text(x, positions, segment_ids)
+    return hidden if return_hidden else self.logits(hidden)
+
+  # ---- KV-cache generation -------------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_length` tokens (prompt + generated)."""
+    return self.text.init_cache(batch, max_length, dtype)
+
+  def prefill(self, cache: KVCache, input_ids, positions, segment_ids, *, pixel_values=None, vision_pos_hw=None,
+              vision_window_ids=None, vision_group_ids=None, vision_token_index=None, vision_embeds=None,
+              next_position=None):
+    """Runs right-padded prompts `[B, Lp]` into an empty cache.
+
+    segment_ids `[B, Lp]` is nonzero on prompt tokens (one prompt per row). next_position `[B]` (where
+    decoding continues: max prompt position + 1) defaults to that computed from `positions`.
+    Returns (fp32 logits `[B, V]` at each row's last prompt token, cache).
+    """
+    x = self._input_embeddings(input_ids, pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids,
+                               vision_token_index, vision_embeds)
+    valid = segment_ids > 0
+    hidden, cache = self.text.extend(x, positions, valid, cache)
+    last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    if next_position is None:
+      next_position = jnp.max(jnp.where(valid[None], positions, -1), axis=(0, 2)) + 1
+    cache = cache.replace(next_position=next_position.astype(jnp.int32))
+    return self.logits(last_hidden), cache
+
+  def decode_step(self, cache: KVCache, tokens):
+    """One token per row `[B]` at position `cache.next_position` -> (fp32 logits `[B, V]`, cache)."""
+    pos = jnp.broadcast_to(cache.next_position[None, :, None], (3, tokens.shape[0], 1))
+    x = self.text.embed(tokens[:, None])
+    hidden, cache = self.text.extend(x, pos, jnp.ones((tokens.shape[0], 1), bool), cache)
+    cache = cache.replace(next_position=cache.next_position + 1)
+    return self.logits(hidden[:, 0]), cache

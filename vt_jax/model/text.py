@@ -1,0 +1,155 @@
+"""The Qwen2 text decoder with M-RoPE: token embedding, stacked + scanned decoder layers, final RMSNorm,
+and the static-size KV cache used by prefill / decode.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vt_jax.model.attention import attention
+from vt_jax.model.config import TextConfig
+from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, constrain, mrope_cos_sin, normal_init,
+                                 param, scan_layers, stack_layers)
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+class DecoderLayer(nnx.Module):
+  """x + attn(input_layernorm(x)); x + mlp(post_attention_layernorm(x)). GQA with biased q/k/v."""
+
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str = "xla"):
+    d, hd = cfg.hidden_size, cfg.head_dim
+    kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+    self.attention_impl = attention_impl
+    self.act = cfg.hidden_act
+    self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
+    self.post_attention_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
+    self.q_proj = Linear(d, self.num_heads * hd, axes=("embed", "heads"), bias=True, **kw)
+    self.k_proj = Linear(d, self.num_kv_heads * hd, axes=("embed", "kv_heads"), bias=True, **kw)
+    self.v_proj = Linear(d, self.num_kv_heads * hd, axes=("embed", "kv_heads"), bias=True, **kw)
+    self.o_proj = Linear(self.num_heads * hd, d, axes=("heads", "embed"), bias=False, **kw)
+    self.gate_proj = Linear(d, cfg.intermediate_size, axes=("embed", "mlp"), bias=False, **kw)
+    self.up_proj = Linear(d, cfg.intermediate_size, axes=("embed", "mlp"), bias=False, **kw)
+    self.down_proj = Linear(cfg.intermediate_size, d, axes=("mlp", "embed"), bias=False, **kw)
+
+  def project(self, x, cos, sin, rules=None):
+    """x `[B, L, D]` -> q `[B, L, H, hd]`, k, v `[B, L, K, hd]` (rotary applied to q and k)."""
+    b, l, _ = x.shape
+    h = self.input_layernorm(x)
+    q = self.q_proj(h).reshape(b, l, self.num_heads, self.head_dim)
+    k = self.k_proj(h).reshape(b, l, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(h).reshape(b, l, self.num_kv_heads, self.head_dim)
+    q = constrain(apply_rotary(q, cos, sin), ("act_batch", "act_length", "act_heads", "act_head_dim"), rules)
+    k = constrain(apply_rotary(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), rules)
+    v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), rules)
+    return q, k, v
+
+  def finish(self, x, attn_out, rules=None):
+    """Residual after attention (attn_out `[B, L, H, hd]`), then the SwiGLU MLP block."""
+    b, l = x.shape[:2]
+    x = x + self.o_proj(attn_out.reshape(b, l, -1))
+    h = self.post_attention_layernorm(x)
+    gated = activation(self.act)(self.gate_proj(h)) * self.up_proj(h)
+    x = x + self.down_proj(constrain(gated, ("act_batch", "act_length", "act_mlp"), rules))
+    return constrain(x, ACT, rules)
+
+  def __call__(self, x, cos, sin, segment_ids, rules=None):
+    """Full-sequence step (training / scoring): causal within each segment."""
+    q, k, v = self.project(x, cos, sin, rules)
+    out = attention(q, k, v, segment_ids, segment_ids, causal=True, impl=self.attention_impl)
+    return self.finish(x, out, rules)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Static-size KV cache shared by a batch of right-padded prompts.
+
+  k, v:          `[layers, B, S, K, head_dim]`.
+  valid:         `[B, S]` bool, True where a slot holds a real token (prompt padding stays False).
+  index:         `[]` int32, the next slot to write -- one write index for the whole batch.
+  next_position: `[B]` int32, the M-RoPE position of the next token per row (max position + 1 after the
+                 prompt, then + 1 per decoded token).
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+  next_position: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[2]
+
+
+class TextDecoder(nnx.Module):
+  """Embedding + decoder layers + final norm. Params named as the hub's `model.*`."""
+
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype=jnp.float32, dtype=jnp.float32, remat="none",
+               attention_impl="xla", rules=None):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.rules = rules
+    self.embed_tokens = param(rngs, normal_init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                              param_dtype)
+    self.layers = stack_layers(
+        lambda r: DecoderLayer(cfg, rngs=r, param_dtype=param_dtype, dtype=dtype, attention_impl=attention_impl),
+        cfg.num_hidden_layers, rngs)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
+
+  def embed(self, input_ids):
+    """`[B, L]` ids -> `[B, L, D]` embeddings in the compute dtype."""
+    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    return constrain(x, ACT, self.rules)
+
+  def rotary(self, positions):
+    return mrope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section)
+
+  def __call__(self, x, positions, segment_ids):
+    """x `[B, L, D]` input embeddings, positions `[3, B, L]`, segment_ids `[B, L]` -> final-normed `[B, L, D]`."""
+    cos, sin = self.rotary(positions)
+
+    def body(layer, x, _):
+      return layer(x, cos, sin, segment_ids, self.rules), None
+
+    x, _ = scan_layers(self.layers, body, x, remat=self.remat)
+    return self.norm(x)
+
+  def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+    cfg = self.cfg
+    shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = self.dtype if dtype is None else dtype
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
+                   next_position=jnp.zeros((batch,), jnp.int32))
+
+  def extend(self, x, positions, new_valid, cache: KVCache):
+    """Appends T tokens per row at the shared write index and runs them against the cache.
+
+    x `[B, T, D]`, positions `[3, B, T]`, new_valid `[B, T]` bool (False for prompt padding).
+    Returns (final-normed hidden `[B, T, D]`, updated cache; next_position is left to the caller).
+    """
+    batch, t = new_valid.shape
+    cos, sin = self.rotary(positions)
+    index = cache.index
+    valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, index))
+    q_pos = jnp.broadcast_to(index + jnp.arange(t), (batch, t))
+    kv_pos = jnp.broadcast_to(jnp.arange(cache.max_length), (batch, cache.max_length))
+    q_seg, kv_seg = new_valid.astype(jnp.int32), valid.astype(jnp.int32)
+
+    def body(layer, x, kv):
+      k_cache, v_cache = kv
+      q, k, v = layer.project(x, cos, sin, self.rules)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_seg, kv_seg, causal=True,
+                      q_positions=q_pos, kv_positions=kv_pos, impl=layer.attention_impl)
+      return layer.finish(x, out, self.rules), (k_cache, v_cache)
+
+    x, (k_new, v_new) = scan_layers(self.layers, body, x, (cache.k, cache.v))
+    cache = cache.replace(k=k_new, v=v_new, valid=valid, index=index + t)
+    return self.norm(x), cache

@@ -1,0 +1,129 @@
+"""The Qwen2.5-VL vision tower on window-ordered, fixed-shape patch buffers.
+
+Input patches come from `vision_layout.build_vision_layout` (host side): per batch row `[P, patch_dim]` in
+Qwen's window order, every window padded to `window_patches`, with per-patch (row, col), window id and
+temporal-group id (0 = padding). Then:
+  patch embed (a matmul: the Conv3d with kernel == stride), 2D rotary from (row, col),
+  blocks: x + attn(norm1(x)); x + mlp(norm2(x)), where attention is
+    - window layers: within fixed blocks of `window_patches` (`[B * P/wp, wp]`, cost linear in windows),
+    - full layers (`fullatt_block_indexes`): within a temporal group (mask on group ids over the row),
+  merger: RMSNorm, 4 neighbouring patches -> one vector, Linear -> GELU -> Linear to the text width.
+Padding never serves as a key for real patches (ids 0 only match padding), so several images/videos per
+row, frames that are not window multiples and bucket padding all give Qwen's exact result. The output
+stays in window order (`[B, P/4, D]`, merged slot s = patches 4s..4s+3); `vision_token_index` picks slots
+for each `<|video_pad|>` / `<|image_pad|>`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vt_jax.model.attention import attention
+from vt_jax.model.config import VisionConfig
+from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, constrain, scan_layers, stack_layers,
+                                 vision_cos_sin)
+
+
+class VisionBlock(nnx.Module):
+  """One ViT block. Params named as the hub's `visual.blocks.N.*`."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl: str = "xla"):
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
+    kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.num_heads = h
+    self.head_dim = cfg.head_dim
+    self.window_patches = cfg.window_patches
+    self.attention_impl = attention_impl
+    self.act = cfg.hidden_act
+    self.norm1 = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
+    self.norm2 = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
+    # Fused q/k/v as the hub stores it, kept [in, 3, out] so the output dim can shard by heads.
+    self.qkv = Linear(d, (3, d), axes=("embed", "qkv", "heads"), bias=True, **kw)
+    self.proj = Linear(d, d, axes=("heads", "embed"), bias=True, **kw)
+    self.gate_proj = Linear(d, f, axes=("embed", "mlp"), bias=True, **kw)
+    self.up_proj = Linear(d, f, axes=("embed", "mlp"), bias=True, **kw)
+    self.down_proj = Linear(f, d, axes=("mlp", "embed"), bias=True, **kw)
+
+  def __call__(self, x, cos, sin, window_ids, group_ids, is_full, rules=None):
+    """x `[B, P, D]`; cos/sin `[B, P, head_dim]`; window_ids/group_ids `[B, P]`; is_full: traced bool."""
+    b, p, _ = x.shape
+    qkv = self.qkv(self.norm1(x))  # [B, P, 3, D]
+    qkv = qkv.reshape(b, p, 3, self.num_heads, self.head_dim)
+    q = apply_rotary(qkv[:, :, 0], cos, sin)
+    k = apply_rotary(qkv[:, :, 1], cos, sin)
+    v = qkv[:, :, 2]
+    q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"), rules)
+
+    def full(q, k, v):
+      return attention(q, k, v, group_ids, group_ids, causal=False, impl=self.attention_impl)
+
+    def windowed(q, k, v):
+      wp = self.window_patches
+      blocks = lambda t: t.reshape(b * p // wp, wp, *t.shape[2:])
+      ids = window_ids.reshape(b * p // wp, wp)
+      out = attention(blocks(q), blocks(k), blocks(v), ids, ids, causal=False, impl=self.attention_impl)
+      return out.reshape(b, p, self.num_heads, self.head_dim)
+
+    out = jax.lax.cond(is_full, full, windowed, q, k, v)
+    x = x + self.proj(out.reshape(b, p, -1))
+    h = self.norm2(x)
+    x = x + self.down_proj(activation(self.act)(self.gate_proj(h)) * self.up_proj(h))
+    return constrain(x, ("act_batch", "act_length", "act_embed"), rules)
+
+
+class PatchMerger(nnx.Module):
+  """RMSNorm, then 2x2 neighbouring patches (contiguous in the buffer) -> MLP -> text hidden size."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+    d = cfg.hidden_size * cfg.merge_unit
+    kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.merge_unit = cfg.merge_unit
+    self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype, dtype=dtype)
+    self.mlp_0 = Linear(d, d, axes=("embed", "mlp"), bias=True, **kw)
+    self.mlp_2 = Linear(d, cfg.out_hidden_size, axes=("mlp", "embed"), bias=True, **kw)
+
+  def __call__(self, x):
+    b, p, d = x.shape
+    x = self.ln_q(x).reshape(b, p // self.merge_unit, d * self.merge_unit)
+    return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+  """Patches `[B, P, patch_dim]` (window order) -> merged tokens `[B, P/4, out_hidden_size]` (window order)."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype=jnp.float32, dtype=jnp.float32, remat="none",
+               attention_impl="xla", rules=None):
+    self.cfg = cfg
+    self.remat = remat
+    self.rules = rules
+    self.dtype = dtype
+    self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, axes=("patch", "embed"), bias=False, rngs=rngs,
+                              param_dtype=param_dtype, dtype=dtype)
+    self.blocks = stack_layers(
+        lambda r: VisionBlock(cfg, rngs=r, param_dtype=param_dtype, dtype=dtype, attention_impl=attention_impl),
+        cfg.depth, rngs)
+    self.merger = PatchMerger(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+  def __call__(self, pixel_values, pos_hw, window_ids, group_ids):
+    """pixel_values `[B, P, patch_dim]`, pos_hw `[B, P, 2]`, window_ids/group_ids `[B, P]` int.
+
+    P must be a multiple of `window_patches`. Returns `[B, P/4, out_hidden_size]`.
+    """
+    b, p, _ = pixel_values.shape
+    if p % self.cfg.window_patches:
+      raise ValueError(f"vision buffer of {p} patches is not a multiple of window_patches="
+                       f"{self.cfg.window_patches}; build it with vision_layout.build_vision_layout")
+    x = self.patch_embed(pixel_values)
+    x = constrain(x, ("act_batch", "act_length", "act_embed"), self.rules)
+    cos, sin = vision_cos_sin(pos_hw, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def body(block, x, is_full):
+      return block(x, cos, sin, window_ids, group_ids, is_full, self.rules), None
+
+    # Which blocks attend over whole temporal groups: a scanned input, so one compiled body serves all.
+    is_full = jnp.asarray(np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes))
+    x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
+    return self.merger(x)
