@@ -12,7 +12,7 @@ import jax.numpy as jnp
 # then gets a uniform softmax instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "splash", "cudnn", "auto")  # all but "xla" live in fast_attention.py
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *,
@@ -30,13 +30,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array
     q_positions, kv_positions: `[B, Lq]` / `[B, Lk]` sequence indices for the causal mask (slots in a
       KV cache); default `arange`.
     scale: logit scale, default D ** -0.5.
-    impl: "xla" (einsum + masked softmax in fp32).
+    impl: "xla" (einsum + masked softmax in fp32 here), or "splash" / "cudnn" / "auto" (fast_attention.py).
 
   Returns:
     `[B, Lq, H, D]` in q's dtype.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention impl={impl!r}; available: {IMPLEMENTATIONS}")
+  if impl != "xla":
+    from vt_jax.model import fast_attention  # imported lazily: it calls back into this path for fallbacks
+    return fast_attention.fast_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
+                                         q_positions=q_positions, kv_positions=kv_positions, scale=scale,
+                                         impl=impl)
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   if heads % kv_heads:

@@ -36,6 +36,8 @@ class VisionBlock(nnx.Module):
     self.num_heads = h
     self.head_dim = cfg.head_dim
     self.window_patches = cfg.window_patches
+    # The vision tower stays on XLA attention for now: windows are 16-64 patches (below the fast
+    # kernels' tiles) and head_dim 80 is not a lane multiple. `attention_impl` is kept for later backends.
     self.attention_impl = attention_impl
     self.act = cfg.hidden_act
     self.norm1 = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
@@ -58,13 +60,13 @@ class VisionBlock(nnx.Module):
     q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"), rules)
 
     def full(q, k, v):
-      return attention(q, k, v, group_ids, group_ids, causal=False, impl=self.attention_impl)
+      return attention(q, k, v, group_ids, group_ids, causal=False, impl="xla")
 
     def windowed(q, k, v):
       wp = self.window_patches
       blocks = lambda t: t.reshape(b * p // wp, wp, *t.shape[2:])
       ids = window_ids.reshape(b * p // wp, wp)
-      out = attention(blocks(q), blocks(k), blocks(v), ids, ids, causal=False, impl=self.attention_impl)
+      out = attention(blocks(q), blocks(k), blocks(v), ids, ids, causal=False, impl="xla")
       return out.reshape(b, p, self.num_heads, self.head_dim)
 
     out = jax.lax.cond(is_full, full, windowed, q, k, v)
