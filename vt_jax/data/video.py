@@ -491,7 +491,13 @@ class _SeekCostModel:
       return True
     if self.grab_s is None or self.seek_s is None:
       return gap > self.prior_gap
-    return gap * self.grab_s > self.seek_s
+    if gap * self.grab_s > self.seek_s:
+      return True
+    if gap > self.prior_gap:
+      # Grabbing was chosen over a long gap, so the seek estimate is not being refreshed (and the
+      # first seek of a stream is often the slowest): decay it so seeking gets re-tried.
+      self.seek_s *= 0.8
+    return False
 
   def observe(self, kind: str, seconds: float) -> None:
     old = getattr(self, kind)
