@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from vt_jax.model import attention as xla_attention
+from vt_jax.model.attention import attention as xla_attention
 from vt_jax.model import fast_attention as fa
 
 
@@ -76,8 +76,11 @@ def test_splash_interpret_matches_reference(causal):
   assert out.shape == q.shape and out.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=1e-5)
   with jax.default_matmul_precision("highest"):
-    xla = xla_attention.attention(q, k, v, seg, seg, causal=causal, impl="xla")
+    xla = xla_attention(q, k, v, seg, seg, causal=causal, impl="xla")
+    # The model's entry point dispatches impl="splash" here.
+    via_model = xla_attention(q, k, v, seg, seg, causal=causal, impl="splash")
   np.testing.assert_allclose(np.asarray(out), np.asarray(xla), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(via_model), np.asarray(out))
 
 
 def test_splash_custom_scale_matches_reference():
@@ -163,7 +166,7 @@ def test_decode_step_against_a_cache_matches_xla_on_every_path():
   kv_pos = np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8))
   kwargs = dict(causal=True, q_positions=q_pos, kv_positions=kv_pos)
   with jax.default_matmul_precision("highest"):
-    want = np.asarray(xla_attention.attention(q, k, v, q_seg, kv_seg, impl="xla", **kwargs))
+    want = np.asarray(xla_attention(q, k, v, q_seg, kv_seg, impl="xla", **kwargs))
     for impl in ("splash", "xla", "auto"):
       got = fa.fast_attention(q, k, v, q_seg, kv_seg, impl=impl, **kwargs)
       np.testing.assert_allclose(np.asarray(got), want, atol=1e-6, err_msg=impl)

@@ -103,9 +103,12 @@ def splash_block_size(seq_len: int) -> int:
   raise ValueError(f"sequence length {seq_len} is not a multiple of {_LANES}")
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(seq_len: int, heads: int, causal: bool, block: int, interpret: bool):
-  """Builds (once per shape) the splash kernel for `heads` local heads of length seq_len."""
+  """The splash kernel for `heads` local heads of length seq_len.
+
+  Built at trace time on every call (not cached): its mask metadata becomes arrays of the
+  trace it is built in. The block-mask analysis is numpy over (seq/block)^2 tiles: cheap.
+  """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   shape = (seq_len, seq_len)
@@ -294,12 +297,14 @@ def fast_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,
   Splash covers self-attention (training, prefill); with q/kv positions (a decode step
   against a KV cache) or q_len != kv_len it hands over to the XLA path.
   """
-  from vt_jax.model import attention as xla_attention  # the XLA path; imports us lazily
+  # The XLA path (its module imports this one lazily; the package re-exports the function
+  # under the module's name, hence the explicit `from ... import`).
+  from vt_jax.model.attention import attention as xla_attention
 
   if impl == "auto":
     impl = select_attention_impl()
   xla_path = functools.partial(
-      xla_attention.attention, q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
+      xla_attention, q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
       q_positions=q_positions, kv_positions=kv_positions, scale=scale, impl="xla")
   if impl == "xla":
     return xla_path()

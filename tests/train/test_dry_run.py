@@ -1,0 +1,213 @@
+"""Dry run: AOT compile for TPU topologies from this CPU-only process, memory/FLOPs table, DoesNotFit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vt_jax.model import fast_attention
+from vt_jax.train import dry_run as dr
+from vt_jax.train import tpu_specs
+
+pytest.importorskip("libtpu")  # the `tpu` extra; CI installs it
+
+GiB = 2**30
+
+
+# ----------------------------------------------------------------------------- topology names
+
+
+@pytest.mark.parametrize("name,chip,dims,slice_name", [
+    ("v5p:4x4x4", "v5p", (4, 4, 4), "v5p-128"),
+    ("v5p-64", "v5p", (2, 4, 4), "v5p-64"),      # v5p-N counts TensorCores: 32 chips
+    ("v5e:16x16", "v5e", (16, 16), "v5litepod-256"),
+    ("v5litepod-256", "v5e", (16, 16), "v5litepod-256"),
+    ("v5e-8", "v5e", (2, 4), "v5litepod-8"),
+    ("v6e:8x8", "v6e", (8, 8), "v6e-64"),
+    ("v6e-64", "v6e", (8, 8), "v6e-64"),
+    ("v4-32", "v4", (2, 2, 4), "v4-32"),
+    ("V5P:2x2x1", "v5p", (2, 2, 1), "v5p-8"),
+])
+def test_parse_topology(name, chip, dims, slice_name):
+  topo = tpu_specs.parse_topology(name)
+  assert topo.chip.name == chip and topo.dims == dims and topo.slice_name == slice_name
+  assert topo.num_chips == int(np.prod(dims))
+  assert tpu_specs.parse_topology(topo.name) == topo  # the canonical name round-trips
+
+
+@pytest.mark.parametrize("name,match", [
+    ("v5p:4x4", "3-D chip grids"), ("v5e:2x2x2", "2-D chip grids"), ("v5p-63", "multiple of 2"),
+    ("v5p-40", "no standard slice of 20 chips"), ("v9x:2x2", "unknown TPU generation"),
+    ("tpu", "cannot parse"),
+])
+def test_parse_topology_errors(name, match):
+  with pytest.raises(tpu_specs.TopologyError, match=match):
+    tpu_specs.parse_topology(name)
+
+
+def test_chip_table_is_public_numbers():
+  v5p = tpu_specs.chip_spec("v5p")
+  assert v5p.peak_bf16_flops == 459e12 and v5p.hbm_bytes == 95 * GiB
+  assert tpu_specs.chip_spec("v5litepod").peak_bf16_flops == 197e12
+  assert tpu_specs.chip_spec("trillium").peak_bf16_flops == 918e12
+  assert tpu_specs.chip_for_device_kind("TPU v5 lite").name == "v5e"
+  assert tpu_specs.chip_for_device_kind("cpu") is None
+  for chip in tpu_specs.CHIPS.values():  # the compiler's figure is close to the public one
+    assert abs(chip.usable_hbm_bytes / chip.hbm_bytes - 1) < 0.06
+
+
+# ----------------------------------------------------------------------------- dry runs
+
+
+def mlp_step(params, x):
+  """One SGD step of a 2-layer GELU MLP on a squared-activation loss."""
+  def loss(params):
+    h = jax.nn.gelu(x @ params["w1"])
+    return jnp.mean(jnp.square(h @ params["w2"]).astype(jnp.float32))
+  value, grads = jax.value_and_grad(loss)(params)
+  return value, jax.tree.map(lambda p, g: p - 1e-3 * g.astype(p.dtype), params, grads)
+
+
+def mlp_args(mesh, d_model=512, d_ff=2048, batch=256, dtype=jnp.bfloat16):
+  # FSDP: params split over fsdp on their first axis, the batch over fsdp too.
+  def spec(*axes):
+    return NamedSharding(mesh, P(*axes))
+  params = {"w1": jax.ShapeDtypeStruct((d_model, d_ff), dtype, sharding=spec("fsdp", None)),
+            "w2": jax.ShapeDtypeStruct((d_ff, d_model), dtype, sharding=spec("fsdp", None))}
+  x = jax.ShapeDtypeStruct((batch, d_model), dtype, sharding=spec("fsdp", None))
+  return params, x
+
+
+def test_mlp_fsdp_step_on_v5p_reports_sane_numbers():
+  d_model, d_ff, batch = 512, 2048, 256
+  # forward 2 matmuls, backward 3 (no input gradient): 5 x 2*B*D*F.
+  mlp_flops = 5 * 2 * batch * d_model * d_ff
+  report = dr.dry_run(mlp_step, lambda mesh: mlp_args(mesh, d_model, d_ff, batch),
+                      topology="v5p:2x2x1", flops_split={"MLP": mlp_flops}, donate_argnums=(0,))
+  assert report.platform == "tpu" and report.num_devices == 4 and report.num_chips == 4
+  assert report.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
+  param_bytes = 2 * d_model * d_ff * 2
+  batch_bytes = batch * d_model * 2
+  assert report.memory.arguments == (param_bytes + batch_bytes) // 4  # sharded 4 ways
+  assert report.memory.aliased == param_bytes // 4                    # donated params reused
+  assert report.hbm_per_device == tpu_specs.CHIPS["v5p"].usable_hbm_bytes
+  assert report.fits and report.memory.total < 0.01 * report.hbm_budget
+  assert 0.9 * mlp_flops / 4 < report.compiler_flops < 1.2 * mlp_flops / 4
+  assert report.compiler_seconds > 0 and report.kernel_seconds == 0
+  assert 0 < report.mfu <= 1
+  # MFU is exactly analytic FLOPs over (devices x peak x time).
+  assert report.mfu == pytest.approx(mlp_flops / (4 * 459e12 * report.step_seconds))
+  table = dr.format_report(report)
+  for text in ("v5p:2x2x1", "arguments", "temporaries", "-> fits", "MLP", "MFU", "roofline"):
+    assert text in table, text
+  assert report.to_dict()["fits"] is True
+
+
+def test_splash_attention_step_compiles_in_the_dry_run():
+  batch, seq, heads, kv_heads, head_dim = 4, 512, 8, 2, 128
+
+  def step(q, k, v, seg):
+    def loss(q, k, v):
+      out = fast_attention.splash_attention(q, k, v, seg, seg, causal=True)
+      return jnp.mean(jnp.square(out.astype(jnp.float32)))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  def args(mesh):
+    act = NamedSharding(mesh, P("fsdp", None, "tensor"))
+    return (jax.ShapeDtypeStruct((batch, seq, heads, head_dim), jnp.bfloat16, sharding=act),
+            jax.ShapeDtypeStruct((batch, seq, kv_heads, head_dim), jnp.bfloat16, sharding=act),
+            jax.ShapeDtypeStruct((batch, seq, kv_heads, head_dim), jnp.bfloat16, sharding=act),
+            jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=NamedSharding(mesh, P("fsdp"))))
+
+  # causal: half of QK^T and PV, forward (2 matmuls) + backward (5): 7 x 2*B*L*L*H*D / 2.
+  attn_flops = 7 * batch * seq * seq * heads * head_dim
+  report = dr.dry_run(step, args, topology="v5p:2x2x1", mesh_shape={"fsdp": 2, "tensor": 2},
+                      flops_split={"attention": attn_flops})
+  assert report.kernel_flops_keys == ("attention",)  # found Mosaic kernels in the program
+  # The cost model does not see inside the kernels; the analytic FLOPs carry the time.
+  assert report.compiler_flops < 0.1 * attn_flops / 4
+  assert report.kernel_seconds == pytest.approx(attn_flops / 4 / 459e12)
+  assert report.step_seconds > report.kernel_seconds
+  assert "Pallas" in dr.format_report(report)
+
+
+def test_impossible_config_fails_cleanly_in_the_compiler():
+  # 128 GiB of fp32 params per device on 95.74 GiB chips: the TPU compiler refuses.
+  with pytest.raises(dr.DoesNotFit) as err:
+    dr.dry_run(mlp_step, lambda mesh: mlp_args(mesh, 2**17, 2**19, 8, jnp.float32),
+               topology="v5p:2x2x1", name="huge_step")
+  message = str(err.value)
+  assert "huge_step does not fit on v5p:2x2x1" in message
+  assert "95.74 GiB of usable HBM" in message and "Levers to try" in message
+  # Params: 2 x 2^17 x 2^19 fp32 = 512 GiB, a quarter per device (+ a 4 MiB batch); the
+  # compiler's 512 GiB is mostly gradients and gathered weights, i.e. temporaries.
+  assert "Arguments (params, optimiser state, batch) are 128.00 GiB of it (25%)" in message
+  assert "temporaries is the largest term" in message and "remat" in message
+
+
+def test_over_budget_names_the_overflowing_term_and_levers():
+  # A frozen fp32 table of 4 GiB, 1 GiB per device under FSDP, against a 0.5% budget
+  # (0.48 GiB): it compiles, and the arguments overflow.
+  def lookup_step(table, ids):
+    return jnp.sum(table[ids])
+
+  def args(mesh):
+    return (jax.ShapeDtypeStruct((2**15, 2**15), jnp.float32, sharding=NamedSharding(mesh, P("fsdp"))),
+            jax.ShapeDtypeStruct((8,), jnp.int32, sharding=NamedSharding(mesh, P())))
+
+  with pytest.raises(dr.DoesNotFit) as err:
+    dr.dry_run(lookup_step, args, topology="v5p:2x2x1", hbm_fraction=0.005)
+  report = err.value.report
+  assert report is not None and report.fits is False and report.memory.arguments >= GiB
+  message = str(err.value)
+  assert "lookup_step does not fit on v5p:2x2x1" in message
+  assert "arguments is the largest term" in message and "fsdp axis is 4" in message
+  over = (report.memory.total - report.hbm_budget) / GiB
+  assert f"{over:.2f} GiB over the budget of {report.hbm_budget / GiB:.2f} GiB" in message
+  assert "donate" not in message  # the outputs are a scalar
+
+
+def test_activation_overflow_suggests_remat_and_donation():
+  args = lambda mesh: mlp_args(mesh, 2**12, 2**13, 8)  # ~70 MiB per device vs a 49 MiB budget
+  with pytest.raises(dr.DoesNotFit) as err:
+    dr.dry_run(mlp_step, args, topology="v5p:2x2x1", hbm_fraction=0.0005)
+  message = str(err.value)
+  assert "temporaries is the largest term" in message and "remat" in message
+  assert "donate the train state" in message  # new params are not written over the old
+  # check_fit=False hands back the report instead of raising.
+  report = dr.dry_run(mlp_step, args, topology="v5p:2x2x1", hbm_fraction=0.0005, check_fit=False)
+  assert report.fits is False and "DOES NOT FIT" in dr.format_report(report)
+
+
+@pytest.mark.parametrize("topology,devices,chips,hbm_gib", [
+    ("v5e:2x2", 4, 4, 15.75), ("v6e:2x2", 4, 4, 31.25),
+    ("v4:2x2x1", 8, 4, 15.25),  # compile-only v4 devices are TensorCores, 2 per chip
+])
+def test_other_generations(topology, devices, chips, hbm_gib):
+  report = dr.dry_run(mlp_step, lambda mesh: mlp_args(mesh, 256, 512, 64), topology=topology)
+  assert (report.num_devices, report.num_chips) == (devices, chips)
+  assert report.hbm_per_device == pytest.approx(hbm_gib * GiB, rel=1e-6)
+  chip = tpu_specs.parse_topology(topology).chip
+  assert report.peak_flops_per_device == chip.peak_bf16_flops * chips / devices
+
+
+def test_present_devices_without_topology():
+  report = dr.dry_run(mlp_step, lambda mesh: mlp_args(mesh, 64, 128, 16), mesh_shape={"fsdp": -1})
+  assert report.platform == "cpu" and report.num_devices == len(jax.devices())
+  assert report.target == f"the present {len(jax.devices())} cpu devices"
+  assert report.hbm_per_device is None and report.fits is None and report.memory.arguments > 0
+  assert "fit not checked" in dr.format_report(report)
+
+
+def test_setup_errors_are_clear():
+  with pytest.raises(dr.DryRunError, match="does not divide 4 devices"):
+    dr.make_dry_run_mesh("v5p:2x2x1", {"data": 3, "fsdp": -1})
+  with pytest.raises(dr.DryRunError, match="has 2 devices, the target has 4"):
+    dr.make_dry_run_mesh("v5p:2x2x1", {"data": 2})
+  with pytest.raises(tpu_specs.TopologyError, match="cannot parse"):
+    dr.make_dry_run_mesh("pod", None)
+  with pytest.raises(dr.DryRunError, match="v5e:1x1"):  # below one host's 2x2 chips
+    dr.make_dry_run_mesh("v5e:1x1", None)
+  with pytest.raises(dr.DryRunError, match="kernel_flops_keys"):
+    dr.dry_run(mlp_step, lambda mesh: mlp_args(mesh, 64, 128, 16), topology="v5p:2x2x1",
+               flops_split={"MLP": 1.0}, kernel_flops_keys=("attention",))

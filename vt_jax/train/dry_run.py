@@ -1,0 +1,478 @@
+"""Dry run: compile a step for a TPU slice from this machine, without allocating anything.
+
+    mesh = make_dry_run_mesh("v5p:4x4x4", {"data": 1, "fsdp": -1, "tensor": 1})
+    report = dry_run(train_step, abstract_args, mesh=mesh, flops_split={...})
+    print(format_report(report))
+
+The TPU compiler in libtpu runs on a CPU-only host (`JAX_PLATFORMS=cpu` is fine): a
+topology description gives compile-only TPU devices, the step is lowered with
+`ShapeDtypeStruct` arguments sharded on a mesh of those devices and compiled, and the
+compiled program reports per-chip memory (`memory_analysis`) and the compiler's cost
+model (`cost_analysis`: FLOPs, 'optimal_seconds'). With no topology the present devices
+are used.
+
+Two caveats the table states when they apply:
+- Pallas kernels (splash attention) are custom calls the cost model cannot see into:
+  their FLOPs are missing from the compiler's count and time. The analytic FLOPs of
+  `kernel_flops_keys` (default: 'attention' when the program holds Mosaic kernels) are
+  added to the step time at `kernel_efficiency` x peak.
+- 'optimal_seconds' is a roofline-style estimate, so the MFU it implies is an upper bound.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from vt_jax.train import tpu_specs
+
+# The project's mesh axes (contract: data / fsdp / tensor); the default mesh puts every
+# device on fsdp, which shards params and optimiser state the most.
+DEFAULT_MESH_SHAPE = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+class DryRunError(RuntimeError):
+  """The dry run could not be set up (no libtpu, unknown topology, bad mesh)."""
+
+
+class DoesNotFit(RuntimeError):
+  """The step needs more HBM per chip than the budget allows. `.report` when compiled."""
+
+  def __init__(self, message: str, report: DryRunReport | None = None):
+    super().__init__(message)
+    self.report = report
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryTerms:
+  """Per-device bytes from `compiled.memory_analysis()`."""
+  arguments: int        # params, optimiser state, batch
+  outputs: int          # new state, metrics
+  aliased: int          # outputs written into donated argument buffers
+  temporaries: int      # activations, gradients in flight, workspace
+  generated_code: int   # the program itself
+
+  @property
+  def total(self) -> int:
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunReport:
+  """What one compiled step needs and how fast the compiler thinks it runs.
+
+  Memory and compiler FLOPs/time are per device; `flops_split` is analytic, per step,
+  summed over all chips (what MFU is defined on).
+  """
+  name: str
+  target: str                         # "v5p:4x4x4" or "present devices"
+  platform: str
+  device_kind: str
+  num_devices: int
+  num_chips: int
+  mesh_shape: dict[str, int]
+  memory: MemoryTerms
+  hbm_per_device: int | None          # usable HBM, None when unknown (CPU)
+  hbm_fraction: float
+  peak_flops_per_device: float | None
+  compiler_flops: float | None        # per device, ops the cost model sees
+  compiler_seconds: float | None      # 'optimal_seconds'
+  flops_split: dict[str, float]
+  kernel_flops_keys: tuple[str, ...]  # entries of flops_split run inside Pallas kernels
+  kernel_efficiency: float
+  compile_seconds: float
+  notes: tuple[str, ...] = ()
+
+  @property
+  def hbm_budget(self) -> int | None:
+    return None if self.hbm_per_device is None else int(self.hbm_fraction * self.hbm_per_device)
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.hbm_budget is None else self.memory.total <= self.hbm_budget
+
+  @property
+  def analytic_flops(self) -> float | None:
+    return sum(self.flops_split.values()) if self.flops_split else None
+
+  @property
+  def kernel_seconds(self) -> float:
+    """Time of the FLOPs hidden in Pallas kernels, at kernel_efficiency x peak, per device."""
+    flops = sum(self.flops_split.get(k, 0.0) for k in self.kernel_flops_keys)
+    if not flops or not self.peak_flops_per_device:
+      return 0.0
+    return flops / self.num_devices / (self.kernel_efficiency * self.peak_flops_per_device)
+
+  @property
+  def step_seconds(self) -> float | None:
+    if self.compiler_seconds is None:
+      return None
+    return self.compiler_seconds + self.kernel_seconds
+
+  @property
+  def mfu(self) -> float | None:
+    """Analytic model FLOPs (else compiler FLOPs) / (devices x peak x estimated step time)."""
+    if not self.step_seconds or not self.peak_flops_per_device:
+      return None
+    flops = self.analytic_flops
+    if flops is None:
+      if self.compiler_flops is None:
+        return None
+      flops = self.compiler_flops * self.num_devices
+    return flops / (self.num_devices * self.peak_flops_per_device * self.step_seconds)
+
+  def to_dict(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out.update(memory_total=self.memory.total, hbm_budget=self.hbm_budget, fits=self.fits,
+               analytic_flops=self.analytic_flops, kernel_seconds=self.kernel_seconds,
+               step_seconds=self.step_seconds, mfu=self.mfu)
+    return out
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def topology_devices(topology: str) -> tuple[tpu_specs.Topology, list]:
+  """Compile-only TPU devices of a slice ('v5p:4x4x4', 'v5p-64', ...), no TPU needed."""
+  topo = tpu_specs.parse_topology(topology)
+  try:
+    from jax.experimental import topologies
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name)
+  except (ImportError, RuntimeError) as err:
+    hint = ("libtpu is missing: pip install 'jax[tpu]' (the project's `tpu` extra)"
+            if "libtpu" in str(err).lower() or isinstance(err, ImportError) else
+            "compile-only topologies need at least one full host's chips (2x2x1 / 2x2)")
+    raise DryRunError(f"cannot describe TPU topology {topo.name!r}: {err}\n{hint}") from err
+  return topo, list(desc.devices)
+
+
+def _resolve_mesh_shape(mesh_shape: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+  shape = dict(DEFAULT_MESH_SHAPE if mesh_shape is None else mesh_shape)
+  free = [name for name, size in shape.items() if size == -1]
+  if len(free) > 1:
+    raise DryRunError(f"mesh shape {shape}: at most one axis may be -1")
+  known = math.prod(size for size in shape.values() if size != -1)
+  if free:
+    if num_devices % known:
+      raise DryRunError(f"mesh shape {shape} does not divide {num_devices} devices")
+    shape[free[0]] = num_devices // known
+  if math.prod(shape.values()) != num_devices:
+    raise DryRunError(
+        f"mesh shape {shape} has {math.prod(shape.values())} devices, the target has "
+        f"{num_devices}; use -1 for one axis to take the rest")
+  return shape
+
+
+def make_dry_run_mesh(topology: str | None = None,
+                      mesh_shape: Mapping[str, int] | None = None) -> Mesh:
+  """Mesh over a TPU topology's compile-only devices, or over the present devices.
+
+  mesh_shape: ordered {axis: size}, one size may be -1 (the rest); default all on fsdp.
+  Axes are Auto (GSPMD), as the trainer's.
+  """
+  devices = topology_devices(topology)[1] if topology else jax.devices()
+  shape = _resolve_mesh_shape(mesh_shape, len(devices))
+  try:
+    # Lays the mesh out along the physical torus (ICI neighbours on the inner axes).
+    grid = mesh_utils.create_device_mesh(tuple(shape.values()), devices)
+  except (AssertionError, ValueError, NotImplementedError):
+    grid = np.asarray(devices).reshape(tuple(shape.values()))
+  return Mesh(grid, tuple(shape), axis_types=(AxisType.Auto,) * len(shape))
+
+
+# ----------------------------------------------------------------------------- dry run
+
+
+def _count_chips(devices: Sequence) -> int:
+  coords = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
+  return len(coords) or len(devices)
+
+
+def _device_hbm(devices: Sequence, chip: tpu_specs.ChipSpec | None, devices_per_chip: int):
+  try:
+    stats = devices[0].memory_stats()  # real accelerators know their limit
+  except (RuntimeError, NotImplementedError, AttributeError):
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if chip is not None:
+    return chip.usable_hbm_bytes // devices_per_chip
+  return None
+
+
+def _abstract(args, mesh: Mesh):
+  """Arguments as ShapeDtypeStructs; leaves without a sharding are replicated on `mesh`."""
+  replicated = NamedSharding(mesh, P())
+
+  def leaf(x):
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, jax.sharding.Sharding):
+      sharding = replicated
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  return jax.tree.map(leaf, args)
+
+
+_OOM = re.compile(r"required for (?P<what>.+?) \((?P<need>[\d.]+)(?P<unit>[KMGT])\) exceeds "
+                  r"available HBM \((?P<have>[\d.]+)(?P<unit2>[KMGT])\)")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _levers(largest: str, memory: MemoryTerms | None, mesh_shape: Mapping[str, int]) -> list[str]:
+  fsdp = mesh_shape.get("fsdp", 1)
+  by_term = {
+      "arguments": [
+          f"shard params and optimiser state over more chips (fsdp axis is {fsdp}; move "
+          f"data/tensor devices onto fsdp, or use a bigger slice)",
+          "keep the frozen reference model and the params in bf16; optimiser moments in bf16",
+          "smaller global batch per step (the batch is an argument too)"],
+      "temporaries": [
+          "remat: recompute decoder/vision layer activations in the backward pass "
+          "(remat policy 'full' or 'dots_saveable')",
+          "fewer tokens per device: smaller per-device batch or a shorter sequence bucket",
+          "chunked log-probs (never the fp32 [batch, seq, vocab] logits at once)",
+          "shard activations along the sequence when rows are long",
+          "splash/cuDNN attention instead of XLA (no [seq, seq] scores)"],
+      "outputs": [
+          "donate the train state (donate_argnums) so new params/optimiser state overwrite "
+          "the old buffers instead of doubling them"],
+  }
+  levers = list(by_term.get(largest, by_term["temporaries"]))
+  # Outputs as large as the inputs with nothing donated: the new state is a second copy.
+  if (memory is not None and largest != "outputs" and memory.aliased == 0
+      and memory.outputs >= 0.5 * memory.arguments > 0):
+    levers += by_term["outputs"]
+  return levers
+
+
+def _pct(fraction: float) -> str:
+  return f"{fraction:.0%}" if fraction >= 0.01 else f"{fraction:.2%}"
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def argument_bytes_per_device(abstract_args) -> int:
+  """Bytes of the largest per-device shard of each argument, summed: [ShapeDtypeStruct]."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_args):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _not_fit_from_compiler(err: Exception, name: str, target: str,
+                           mesh_shape: Mapping[str, int], arguments: int) -> DoesNotFit:
+  """DoesNotFit from the TPU compiler's own out-of-HBM error (no memory analysis then)."""
+  text = str(err)
+  match = _OOM.search(text)
+  if match is None:
+    return DoesNotFit(
+        f"{name} does not fit on {target}: the TPU compiler ran out of HBM "
+        f"(arguments alone are {_gib(arguments)} per device):\n{text.strip()[:2000]}\n"
+        f"Levers to try:\n  - " + "\n  - ".join(_levers("temporaries", None, mesh_shape)))
+  need = float(match["need"]) * _UNITS[match["unit"]]
+  have = float(match["have"]) * _UNITS[match["unit2"]]
+  # The compiler's total includes the arguments; they are known from the shardings.
+  largest = "arguments" if arguments >= 0.5 * need else "temporaries"
+  return DoesNotFit(
+      f"{name} does not fit on {target}: the TPU compiler needs {_gib(need)} per device, "
+      f"{_gib(need - have)} more than the {_gib(have)} of usable HBM ({need / have:.1f}x).\n"
+      f"Arguments (params, optimiser state, batch) are {_gib(arguments)} of it "
+      f"({arguments / need:.0%}); {largest} is the largest term.\n"
+      f"Levers to try:\n  - " + "\n  - ".join(_levers(largest, None, mesh_shape)))
+
+
+def _not_fit_message(report: DryRunReport) -> str:
+  mem = report.memory
+  terms = {"arguments": mem.arguments, "outputs": mem.outputs - mem.aliased,
+           "temporaries": mem.temporaries}
+  largest = max(terms, key=terms.get)
+  over = mem.total - report.hbm_budget
+  lines = [
+      f"{report.name} does not fit on {report.target}: needs {_gib(mem.total)} per device, "
+      f"{_gib(over)} over the budget of {_gib(report.hbm_budget)} "
+      f"({_pct(report.hbm_fraction)} of {_gib(report.hbm_per_device)} usable HBM).",
+      "Per device: " + ", ".join(f"{k} {_gib(v)}" for k, v in terms.items()) +
+      f" -- {largest} is the largest term ({terms[largest] / mem.total:.0%} of the total).",
+      "Levers to try:"]
+  lines += [f"  - {lever}" for lever in _levers(largest, mem, report.mesh_shape)]
+  return "\n".join(lines)
+
+
+def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
+            topology: str | None = None, mesh_shape: Mapping[str, int] | None = None,
+            mesh: Mesh | None = None, flops_split: Mapping[str, float] | None = None,
+            hbm_fraction: float = 0.85, name: str | None = None,
+            donate_argnums: int | Sequence[int] = (),
+            kernel_flops_keys: Sequence[str] | None = None, kernel_efficiency: float = 1.0,
+            peak_flops_per_device: float | None = None,
+            check_fit: bool = True) -> DryRunReport:
+  """Lowers and compiles `step_fn(*args)` for a topology and reports memory, FLOPs, time.
+
+  step_fn: a function or a `jax.jit`-wrapped one (its shardings/donation are kept).
+  args: positional arguments as ShapeDtypeStructs (or arrays; only shapes are used), or
+    a callable `mesh -> args` to build shardings on the dry-run mesh. Leaves without a
+    NamedSharding are replicated.
+  topology: 'v5p:4x4x4', 'v5e-256', ...; None = the present devices.
+  mesh_shape: {axis: size} with one -1 allowed, default {data: 1, fsdp: -1, tensor: 1}.
+  mesh: a ready mesh instead of topology/mesh_shape (e.g. from `make_dry_run_mesh`).
+  flops_split: analytic FLOPs per step over all chips, e.g. {'vision tower': ..,
+    'LLM': .., 'attention': ..}; MFU uses their sum.
+  kernel_flops_keys: flops_split entries computed inside Pallas kernels (invisible to the
+    cost model); None = ('attention',) when the program holds Mosaic kernels.
+  Raises DoesNotFit when the step needs more than hbm_fraction x usable HBM per device
+  (check_fit=False returns the report instead), DryRunError when it cannot be set up.
+  """
+  given_mesh = mesh is not None
+  if mesh is None:
+    mesh = make_dry_run_mesh(topology, mesh_shape)
+  devices = list(mesh.devices.flat)
+  if topology:
+    target = tpu_specs.parse_topology(topology).name
+  else:
+    target = f"{'a mesh of' if given_mesh else 'the present'} {len(devices)} {devices[0].device_kind} devices"
+  mesh_dict = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  name = name or getattr(step_fn, "__name__", "step")
+  platform, kind = devices[0].platform, devices[0].device_kind
+  chip = tpu_specs.chip_for_device_kind(kind) if platform == "tpu" else None
+  num_chips = _count_chips(devices) if platform == "tpu" else len(devices)
+  per_chip = max(1, len(devices) // num_chips)
+  hbm = _device_hbm(devices, chip, per_chip)
+  if peak_flops_per_device is None and chip is not None:
+    peak_flops_per_device = chip.peak_bf16_flops / per_chip
+
+  abstract_args = _abstract(args(mesh) if callable(args) else args, mesh)
+  jitted = step_fn if hasattr(step_fn, "lower") else jax.jit(step_fn, donate_argnums=donate_argnums)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = jitted.lower(*abstract_args)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+      if "RESOURCE_EXHAUSTED" in str(err):
+        raise _not_fit_from_compiler(err, name, target, mesh_dict,
+                                     argument_bytes_per_device(abstract_args)) from err
+      raise
+  compile_seconds = time.perf_counter() - start
+
+  stats = compiled.memory_analysis()
+  memory = MemoryTerms(
+      arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),
+      aliased=int(stats.alias_size_in_bytes), temporaries=int(stats.temp_size_in_bytes),
+      generated_code=int(stats.generated_code_size_in_bytes))
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, list):  # older jax returned one dict per program
+    cost = cost[0] if cost else {}
+  compiler_flops = cost.get("flops")
+  compiler_seconds = cost.get("optimal_seconds")
+  if compiler_seconds is not None and compiler_seconds <= 0:
+    compiler_seconds = None
+
+  notes = []
+  has_kernels = platform == "tpu" and "tpu_custom_call" in compiled.as_text()
+  split = dict(flops_split or {})
+  if kernel_flops_keys is None:
+    kernel_flops_keys = ("attention",) if has_kernels and "attention" in split else ()
+  missing = [k for k in kernel_flops_keys if k not in split]
+  if missing:
+    raise DryRunError(f"kernel_flops_keys {missing} are not in flops_split {sorted(split)}")
+  if has_kernels and not kernel_flops_keys:
+    notes.append("the program runs Pallas kernels whose FLOPs and time the compiler does "
+                 "not see; name their analytic FLOPs in kernel_flops_keys")
+  if kernel_flops_keys:
+    notes.append(f"FLOPs of {' + '.join(kernel_flops_keys)} run in Pallas kernels the cost model "
+                 f"cannot see: timed from analytic FLOPs at {kernel_efficiency:.0%} of peak")
+  if compiler_seconds is not None:
+    notes.append("'optimal_seconds' is the compiler's roofline estimate: MFU is an upper bound")
+
+  report = DryRunReport(
+      name=name, target=target, platform=platform, device_kind=kind,
+      num_devices=len(devices), num_chips=num_chips, mesh_shape=mesh_dict, memory=memory,
+      hbm_per_device=hbm, hbm_fraction=hbm_fraction,
+      peak_flops_per_device=peak_flops_per_device,
+      compiler_flops=None if compiler_flops is None else float(compiler_flops),
+      compiler_seconds=None if compiler_seconds is None else float(compiler_seconds),
+      flops_split=split, kernel_flops_keys=tuple(kernel_flops_keys),
+      kernel_efficiency=kernel_efficiency, compile_seconds=compile_seconds, notes=tuple(notes))
+  if check_fit and report.fits is False:
+    raise DoesNotFit(_not_fit_message(report), report)
+  return report
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _tflop(x: float) -> str:
+  return f"{x / 1e12:,.2f}"
+
+
+def format_report(report: DryRunReport) -> str:
+  """The dry-run table: memory per device vs HBM, FLOPs split, step time, MFU."""
+  r, mem = report, report.memory
+  mesh = " ".join(f"{k}={v}" for k, v in r.mesh_shape.items())
+  lines = [
+      f"Dry run: {r.name} on {r.target} ({r.num_chips} chips, {r.num_devices} devices, "
+      f"{r.device_kind}; mesh {mesh}); compiled in {r.compile_seconds:.1f} s",
+      "",
+      f"  {'memory per device':<28}{'GiB':>10}{'of HBM':>10}",
+  ]
+  hbm = r.hbm_per_device
+
+  def row(label, value, share=True):
+    pct = f"{value / hbm:>9.1%}" if hbm and share else f"{'':>9}"
+    lines.append(f"  {label:<28}{value / 2**30:>10.2f} {pct}")
+
+  row("arguments", mem.arguments)
+  row("outputs", mem.outputs)
+  if mem.aliased:
+    row("  aliased (donated)", -mem.aliased, share=False)
+  row("temporaries", mem.temporaries)
+  row("generated code", mem.generated_code)
+  row("total", mem.total)
+  if hbm:
+    verdict = "fits" if r.fits else "DOES NOT FIT"
+    lines.append(f"  {'budget':<28}{r.hbm_budget / 2**30:>10.2f}   = {_pct(r.hbm_fraction)} of "
+                 f"{hbm / 2**30:.2f} GiB usable HBM -> {verdict}")
+  else:
+    lines.append("  (no HBM figure for this device: fit not checked)")
+
+  lines += ["", f"  {'FLOPs per step':<28}{'TFLOP':>12}{'per device':>12}{'share':>8}"]
+  total = r.analytic_flops
+  for key, flops in r.flops_split.items():
+    tag = " (Pallas)" if key in r.kernel_flops_keys else ""
+    lines.append(f"  {key + tag:<28}{_tflop(flops):>12}{_tflop(flops / r.num_devices):>12}"
+                 f"{flops / total:>8.1%}")
+  if total is not None:
+    lines.append(f"  {'total (analytic)':<28}{_tflop(total):>12}{_tflop(total / r.num_devices):>12}")
+  if r.compiler_flops is not None:
+    lines.append(f"  {'compiler cost model':<28}{_tflop(r.compiler_flops * r.num_devices):>12}"
+                 f"{_tflop(r.compiler_flops):>12}")
+
+  lines.append("")
+  if r.step_seconds is not None:
+    extra = (f" (compiler {r.compiler_seconds * 1e3:.2f} ms + Pallas kernels "
+             f"{r.kernel_seconds * 1e3:.2f} ms)" if r.kernel_seconds else "")
+    lines.append(f"  estimated step time  {r.step_seconds * 1e3:.2f} ms{extra}")
+  else:
+    lines.append("  estimated step time  n/a (no 'optimal_seconds' from this backend)")
+  if r.peak_flops_per_device:
+    mfu = f"{r.mfu:.1%}" if r.mfu is not None else "n/a"
+    lines.append(f"  MFU                  {mfu} of {r.peak_flops_per_device / 1e12:.1f} "
+                 f"TFLOP/s bf16 peak per device")
+  lines += [f"  note: {note}" for note in r.notes]
+  return "\n".join(lines)
+
+
+def print_report(report: DryRunReport, file: TextIO = sys.stdout) -> None:
+  print(format_report(report), file=file, flush=True)
