@@ -311,6 +311,7 @@ def answer_from_events(record: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SyntheticPaths:
+  """Where a generated dataset lives; record `path`s are relative to `root`."""
   root: str
   train_json: str
   test_json: str
@@ -405,6 +406,7 @@ def ensure_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: i
                                   _settings(num_train, num_test, seed, vocab_size).items()):
     complete = (os.path.isfile(paths.train_json) and os.path.isfile(paths.test_json) and
                 os.path.isfile(os.path.join(paths.tokenizer_dir, "tokenizer.json")) and
+                os.path.isdir(paths.video_dir) and
                 len(os.listdir(paths.video_dir)) == manifest.get("videos"))
     if complete:
       return paths
