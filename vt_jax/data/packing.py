@@ -257,16 +257,27 @@ class Packer:
   def open_samples(self) -> int:
     return sum(len(b) for b in self._bins)
 
+  def _first_fit(self, need_tokens: int, need_slots: int) -> int | None:
+    for b, (tokens_left, slots_left) in enumerate(self._room):
+      if tokens_left >= need_tokens and slots_left >= need_slots:
+        return b
+    return None
+
+  def would_close(self, sample: Sample) -> bool:
+    """Whether `add(sample)` would close the window (no open row has room and all rows are open)."""
+    need = (sample.num_tokens, vision_slots(sample.grids_thw, self.spec))
+    return self._first_fit(*need) is None and len(self._bins) >= self.num_bins
+
   def add(self, sample: Sample) -> list[list[Sample]]:
     """Place one sample (already `fit_sample`d). Returns the rows closed by this call (maybe none)."""
     need_tokens = sample.num_tokens
     need_slots = vision_slots(sample.grids_thw, self.spec)
-    for b, room in enumerate(self._room):
-      if room[0] >= need_tokens and room[1] >= need_slots:
-        self._bins[b].append(sample)
-        room[0] -= need_tokens
-        room[1] -= need_slots
-        return []
+    b = self._first_fit(need_tokens, need_slots)
+    if b is not None:
+      self._bins[b].append(sample)
+      self._room[b][0] -= need_tokens
+      self._room[b][1] -= need_slots
+      return []
     closed = self.flush() if len(self._bins) >= self.num_bins else []
     self._bins.append([sample])
     self._room.append([self.spec.seq_len - need_tokens, self.spec.vision_capacity - need_slots])
