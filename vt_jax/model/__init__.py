@@ -4,6 +4,7 @@ from vt_jax.model.config import (ConfigError, ModelConfig, NotQwen25VLError, PRE
                                  get_config, load_config, save_config)
 from vt_jax.model.hf_io import CheckpointError, forward_hf, from_pretrained, save_pretrained
 from vt_jax.model.inputs import build_model_inputs
+from vt_jax.model.logprobs import token_logprobs
 from vt_jax.model.modeling import Qwen25VL
 from vt_jax.model.positions import VisionTokenMismatch, get_rope_index, mrope_positions
 from vt_jax.model.sharding import LOGICAL_RULES, create_model, logical_to_spec, make_mesh

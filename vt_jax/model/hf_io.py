@@ -10,7 +10,6 @@ assembled slice by slice.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -302,8 +301,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     return Qwen25VL(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, remat=remat,
                     attention=attention, rules=model_rules)
 
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    abstract = nnx.eval_shape(init)
+  abstract = nnx.eval_shape(init)  # outside any mesh: nnx would read logical names as mesh axes
   graphdef, state = nnx.split(abstract)
   if mesh is not None:
     shardings = dict(nnx.to_flat_state(S.param_shardings(state, mesh, rules)))

@@ -136,14 +136,15 @@ def create_model(config, mesh: jax.sharding.Mesh, rules: Rules | None = None, *,
   def init():
     return Qwen25VL(config, rngs=nnx.Rngs(seed), rules=rules, **model_kwargs)
 
+  # Abstract shapes outside the mesh context: nnx.eval_shape would read the logical names as mesh axes.
+  abstract = nnx.eval_shape(init)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = param_shardings(abstract_state, mesh, rules)
+
+  def build():
+    return nnx.split(init())[1]
+
   with jax.set_mesh(mesh):
-    abstract = nnx.eval_shape(init)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = param_shardings(abstract_state, mesh, rules)
-
-    def build():
-      return nnx.split(init())[1]
-
     state = jax.jit(build, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 

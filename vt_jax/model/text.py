@@ -103,7 +103,10 @@ class TextDecoder(nnx.Module):
 
   def embed(self, input_ids):
     """`[B, L]` ids -> `[B, L, D]` embeddings in the compute dtype."""
-    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    # Gather from a table whose hidden dim is whole (only vocab stays sharded): gathering from the
+    # fsdp-sharded hidden dim into batch-sharded activations would make XLA replicate the result.
+    table = constrain(self.embed_tokens[...], ("vocab", None), self.rules)
+    x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
     return constrain(x, ACT, self.rules)
 
   def rotary(self, positions):

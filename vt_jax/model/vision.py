@@ -128,4 +128,4 @@ class VisionTower(nnx.Module):
     # Which blocks attend over whole temporal groups: a scanned input, so one compiled body serves all.
     is_full = jnp.asarray(np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes))
     x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
-    return self.merger(x)
+    return constrain(self.merger(x), ("act_batch", "act_length", "act_embed"), self.rules)
