@@ -201,3 +201,53 @@ class Checkpointer:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying concrete shardings, the restore target orbax needs."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _step_dir(path: str | epath.Path) -> epath.Path:
+  """A checkpoint step directory from a step dir, a checkpoints dir (its newest step) or a workdir."""
+  path = epath.Path(path)
+  if (path / STATE).is_dir():
+    return path
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: no such checkpoint directory")
+  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                  item_names=(STATE, DATA, META))
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise CheckpointError(f"{path}: holds no finished checkpoint (expected <step>/{STATE}/ inside)")
+  return path / str(step)
+
+
+def restore_params(path: str | epath.Path, params_like: Any) -> dict:
+  """Params only (no optimiser state) from a training checkpoint, into the shardings of `params_like`.
+
+  path: a step directory, a `checkpoints/` directory (its newest step) or a workdir. params_like: the
+  model's params as a nested dict of arrays or sharded ShapeDtypeStructs. Works whatever the other run
+  froze: its "params" and "frozen" trees are both searched. Raises CheckpointError naming a missing or
+  mis-shaped param.
+  """
+  from vt_jax.train import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
+  state_dir = _step_dir(path) / STATE
+  saved_tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  where: dict[tuple, tuple[str, Any]] = {}
+  for group in ("params", "frozen"):
+    for p, meta in optim_lib.flatten_params(saved_tree.get(group) or {}):
+      where[tuple(str(k) for k in p)] = (group, meta)
+  target: dict = {"params": {}, "frozen": {}}
+  for p, leaf in optim_lib.flatten_params(params_like):
+    key = tuple(str(k) for k in p)
+    if key not in where:
+      raise CheckpointError(f"{state_dir}: no param {'/'.join(key)} in the checkpoint")
+    group, meta = where[key]
+    if tuple(meta.shape) != tuple(leaf.shape):
+      raise CheckpointError(f"{state_dir}: param {'/'.join(key)} has shape {tuple(meta.shape)} in the "
+                            f"checkpoint, the model wants {tuple(leaf.shape)}")
+    optim_lib.set_path(target[group], p, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding))
+  target = {k: v for k, v in target.items() if v}
+  restored = ocp.PyTreeCheckpointer().restore(
+      state_dir, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  return optim_lib.merge_params(restored.get("params", {}), restored.get("frozen", {}))

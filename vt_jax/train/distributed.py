@@ -145,19 +145,27 @@ def batch_parallelism(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def local_batch_size(mesh: Mesh, global_batch: int) -> int:
-  """Rows of the global batch this process loads.
+@dataclasses.dataclass(frozen=True)
+class DataShard:
+  """Which slice of every global batch this process loads: rows [index * rows, (index + 1) * rows).
 
-  The batch axes must place an equal whole number of rows on every process; with tensor parallelism
-  spanning processes several processes hold the same rows (then they must load the same data).
+  Processes that hold the same rows (tensor parallelism across hosts) get the same index and must
+  load the same data; `count` is the number of distinct slices.
   """
-  par = batch_parallelism(mesh)
-  if global_batch % par:
+  index: int
+  count: int
+  rows: int
+
+
+def process_batch_shard(mesh: Mesh, global_batch: int) -> DataShard:
+  """This process's slice of the global batch on `mesh` (for the input pipeline's sharding)."""
+  rows = _rows_of_process(NamedSharding(mesh, P(BATCH_AXES)), global_batch)
+  n = len(rows)
+  if global_batch % max(n, 1) or rows != list(range(rows[0], rows[0] + n)) or rows[0] % n:
     raise MeshConfigError(
-        f"global batch {global_batch} is not divisible by data x fsdp = {par} (mesh {dict(mesh.shape)})")
-  sharding = NamedSharding(mesh, P(BATCH_AXES))
-  rows = _rows_of_process(sharding, global_batch)
-  return len(rows)
+        f"process {jax.process_index()} holds rows {rows[:8]}... of the global batch {global_batch}: "
+        "not one contiguous equal slice; use a mesh whose batch axes follow the process order")
+  return DataShard(index=rows[0] // n, count=global_batch // n, rows=n)
 
 
 def _rows_of_process(sharding: NamedSharding, global_batch: int) -> list[int]:
@@ -169,7 +177,7 @@ def _rows_of_process(sharding: NamedSharding, global_batch: int) -> list[int]:
 def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], global_batch: int) -> dict[str, jax.Array]:
   """Builds global arrays from each process's rows (`make_array_from_process_local_data`).
 
-  Every process passes its own `local_batch_size` rows; the result is one global array per key whose
+  Every process passes its own `process_batch_shard(...).rows` rows; the result is one global array per key whose
   batch dimension has `global_batch` rows sharded over (data, fsdp). Keys that are not arrays (host
   metadata) are dropped.
   """

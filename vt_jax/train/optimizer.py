@@ -89,9 +89,9 @@ def is_frozen(path: str, freeze: Mapping[str, bool]) -> bool:
 def split_trainable(params: Mapping, freeze: Mapping[str, bool]) -> tuple[dict, dict]:
   """Splits a nested dict of params into (trainable, frozen) nested dicts with disjoint leaves."""
   trainable, frozen = {}, {}
-  for path, leaf in _flatten(params):
+  for path, leaf in flatten_params(params):
     target = frozen if is_frozen("/".join(map(str, path)), freeze) else trainable
-    _insert(target, path, leaf)
+    set_path(target, path, leaf)
   return trainable, frozen
 
 
@@ -99,20 +99,22 @@ def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
   """Inverse of `split_trainable`."""
   out: dict = {}
   for tree in (trainable, frozen):
-    for path, leaf in _flatten(tree):
-      _insert(out, path, leaf)
+    for path, leaf in flatten_params(tree):
+      set_path(out, path, leaf)
   return out
 
 
-def _flatten(tree, prefix=()):
+def flatten_params(tree, prefix=()):
+  """Yields (path tuple, leaf) of a nested dict, depth first."""
   if isinstance(tree, Mapping):
     for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
+      yield from flatten_params(v, prefix + (k,))
   else:
     yield prefix, tree
 
 
-def _insert(tree: dict, path: tuple, leaf) -> None:
+def set_path(tree: dict, path: tuple, leaf) -> None:
+  """tree[path[0]]...[path[-1]] = leaf, creating dicts on the way."""
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = leaf

@@ -1,0 +1,221 @@
+"""Supervised fine-tuning on reasoning traces: the loss, the SFT `Task`, and `run` for the CLI.
+
+Loss: masked cross entropy over assistant tokens,
+
+    loss = sum_{b, i} loss_mask[b, i] * -log p(targets[b, i] | tokens <= i of its segment)
+           / sum_{b, i} loss_mask[b, i]
+
+over the WHOLE global batch (all microbatches, all devices): every trained token weighs the same whatever
+row, packed segment or microbatch it sits in. (A per-row or per-microbatch mean would up-weight short
+traces.) The model returns final-normed hidden states and `token_logprobs` projects them onto the
+vocabulary chunk by chunk, so fp32 `[B, L, V]` logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vt_jax.train import checkpoint as ckpt_lib
+from vt_jax.train import distributed, trainer
+
+VISION_KEYS = ("pixel_values", "vision_pos_hw", "vision_window_ids", "vision_group_ids", "vision_token_index")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigRequiredError(ValueError):
+  """A field the recipe needs is unset; the message names it and shows how to set it."""
+
+
+def model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Keyword arguments of `Qwen25VL.__call__` present in a batch (text-only batches have no vision)."""
+  return {k: batch[k] for k in VISION_KEYS if k in batch}
+
+
+def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, chunk_size: int = 1024
+             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """(sum of token NLLs, number of loss tokens, {}) for a batch.
+
+  batch: the contract's training batch: input_ids / segment_ids / targets / loss_mask [B, L],
+  positions [3, B, L], and the vision buffers. Returns fp32 scalars; the caller divides the sums
+  accumulated over the global batch (see the module docstring).
+  """
+  from vt_jax.model.logprobs import token_logprobs  # pylint: disable=g-import-not-at-top
+  hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True,
+                 **model_inputs(batch))
+  logp = token_logprobs(hidden, model.lm_head_kernel(), batch["targets"], chunk_size=chunk_size)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  # where, not multiply: a masked position's log-prob may be -inf (target 0 can be impossible).
+  nll = jnp.where(mask > 0, -logp, 0.0) * mask
+  return jnp.sum(nll), jnp.sum(mask), {}
+
+
+def _dtype(name: str, field: str):
+  if name not in _DTYPES:
+    raise ValueError(f"{field}={name!r}: use one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def _csv(value) -> list[str]:
+  if not value:
+    return []
+  if isinstance(value, str):
+    return [v.strip() for v in value.split(",") if v.strip()]
+  return [str(v) for v in value]
+
+
+def resolve_model_config(cfg):
+  """The ModelConfig of the run: the HF checkpoint's config.json, else the named preset; with
+  `model.token_ids` / `model.vocab_size` overrides (tiny models paired with a small tokenizer)."""
+  from vt_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  if cfg.model.get("hf_dir"):
+    mc = model_config.load_config(cfg.model.hf_dir)
+  else:
+    mc = model_config.get_config(cfg.model.preset)
+  overrides = dict(cfg.model.get("token_ids") or {})
+  vocab = int(cfg.model.get("vocab_size") or 0)
+  if overrides or vocab:
+    if "eos_token_ids" in overrides:
+      overrides["eos_token_ids"] = tuple(overrides["eos_token_ids"])
+    mc = model_config.replace_sizes(mc, text={"vocab_size": vocab} if vocab else None, **overrides)
+  return mc
+
+
+def create_model(cfg, mesh, model_cfg=None) -> nnx.Module:
+  """The model, params born in their shardings: imported from model.hf_dir, else random (seeded), then
+  optionally overwritten by the params of an orbax checkpoint (model.init_checkpoint)."""
+  from vt_jax.model import hf_io, sharding  # pylint: disable=g-import-not-at-top
+  m = cfg.model
+  kwargs = dict(param_dtype=_dtype(m.param_dtype, "model.param_dtype"), dtype=_dtype(m.dtype, "model.dtype"),
+                remat=m.remat, attention=m.attention)
+  model_cfg = model_cfg or resolve_model_config(cfg)
+  # The logical-axis rules must be active while abstract params are built on a mesh.
+  with nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+    if m.get("hf_dir"):
+      if not os.path.isdir(m.hf_dir):
+        raise ConfigRequiredError(f"model.hf_dir={m.hf_dir!r} is not a directory")
+      model = hf_io.from_pretrained(m.hf_dir, mesh=mesh, config=model_cfg, **kwargs)
+    else:
+      model = sharding.create_model(model_cfg, mesh, seed=int(cfg.seed), **kwargs)
+  if m.get("init_checkpoint"):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pure = nnx.to_pure_dict(params)
+    loaded = ckpt_lib.restore_params(m.init_checkpoint, pure)
+    model = nnx.merge(graphdef, loaded, rest)
+    logging.info("initialised params from %s", m.init_checkpoint)
+  return model
+
+
+class SFTTask(trainer.Task):
+  """SFT on packed (prompt, trace) rows from the grain loader."""
+
+  def __init__(self, config, *, records=None, tokenizer=None):
+    self.config = config
+    self._model_cfg = resolve_model_config(config)
+    self._records = records
+    self._tokenizer = tokenizer
+    self.chunk_size = int(config.train.logprob_chunk)
+
+  # Model.
+
+  def model_config(self):
+    return self._model_cfg
+
+  def create_model(self, mesh):
+    return create_model(self.config, mesh, self._model_cfg)
+
+  def loss(self, model, batch, rng):
+    del rng  # no dropout in Qwen2.5-VL
+    return sft_loss(model, batch, chunk_size=self.chunk_size)
+
+  # Data.
+
+  def records(self):
+    if self._records is None:
+      from vt_jax.data import loader, records as records_lib  # pylint: disable=g-import-not-at-top
+      files = _csv(self.config.data.train_files)
+      roots = records_lib.parse_video_roots(_csv(self.config.data.video_roots)) if \
+          self.config.data.get("video_roots") else None
+      self._records = loader.open_source(files if len(files) > 1 else files[0], video_roots=roots,
+                                         split="train", require_trace=True)
+    return self._records
+
+  def tokenizer(self):
+    if self._tokenizer is None:
+      from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+      path = self.config.data.get("tokenizer_dir") or self.config.model.get("hf_dir")
+      self._tokenizer = AutoTokenizer.from_pretrained(path)
+    return self._tokenizer
+
+  def num_train_steps(self, global_batch: int) -> int | None:
+    """Steps for data.num_epochs when every packed row held one sample (an upper bound: packing several
+    samples per row ends the data earlier, and training then stops at the end of the data)."""
+    epochs = float(self.config.train.get("num_epochs") or 0)
+    if epochs <= 0:
+      return None
+    return max(1, math.ceil(len(self.records()) * epochs / global_batch))
+
+  def make_data(self, shard):
+    from vt_jax.data import loader, prompts, sequences, video  # pylint: disable=g-import-not-at-top
+    d, mc = self.config.data, self._model_cfg
+    renderer = sequences.ChatRenderer(
+        self.tokenizer(), prompts.get_prompt(d.prompt), spatial_merge_size=mc.vision.spatial_merge_size,
+        tokens_per_second=mc.vision.tokens_per_second)
+    sampling = video.VideoSampling(nframes=int(d.nframes), min_pixels=int(d.min_pixels),
+                                   max_pixels=int(d.max_pixels), temporal_patch_size=mc.vision.temporal_patch_size,
+                                   patch_size=mc.vision.patch_size, merge_size=mc.vision.spatial_merge_size)
+    epochs = self.config.train.get("num_epochs")
+    lcfg = loader.LoaderConfig(
+        batch_size=shard.rows, seq_len=int(d.seq_len), vision_capacity=int(d.vision_capacity),
+        sampling=sampling, mode="sft", window_size=mc.vision.window_size, pack_bins=int(d.pack_bins),
+        overlong=d.overlong, pad_id=mc.pad_token_id,
+        # A fixed step count repeats the data as needed; otherwise the epochs bound the run.
+        num_epochs=None if int(self.config.train.num_steps or 0) > 0 else max(1, math.ceil(float(epochs))),
+        shuffle=bool(d.shuffle), seed=int(self.config.seed), num_workers=int(d.num_workers),
+        prefetch=int(d.prefetch), on_bad_sample=d.get("on_bad_sample", "skip"))
+    return loader.make_loader(self.records(), renderer, lcfg, shard_index=shard.index, shard_count=shard.count)
+
+  def next_batch(self, data, state):
+    batch = next(data)  # StopIteration at the end of the data ends training
+    batch = dict(batch)
+    batch["host_metrics"] = {f"data/{k}": float(v) for k, v in (data.metrics or {}).items()}
+    return batch
+
+
+def check_required(cfg) -> None:
+  """Clear errors for the recipe's required fields."""
+  missing = []
+  if not cfg.data.get("train_files"):
+    missing.append(("data.train_files", "/path/to/video_thinker_10k.json"))
+  if not cfg.model.get("hf_dir") and not cfg.model.get("init_checkpoint") and cfg.model.get("require_init", False):
+    missing.append(("model.hf_dir", "/path/to/Qwen2.5-VL-7B-Instruct"))
+  if not (cfg.data.get("tokenizer_dir") or cfg.model.get("hf_dir")):
+    missing.append(("data.tokenizer_dir", "/path/to/tokenizer (defaults to model.hf_dir)"))
+  if missing:
+    lines = "\n".join(f"  --config.{k}={example}" for k, example in missing)
+    raise ConfigRequiredError(f"required config fields are unset:\n{lines}")
+
+
+def train_sft(config, workdir: str, process=None, *, records=None, tokenizer=None) -> trainer.TrainResult:
+  """Builds the SFT task and runs the trainer in `workdir` (resuming if it holds checkpoints)."""
+  check_required(config)
+  task = SFTTask(config, records=records, tokenizer=tokenizer)
+  return trainer.train(task, workdir, process=process)
+
+
+def run(config, workdir: str, process=None) -> int:
+  """CLI entry (`config.task = "sft"`)."""
+  result = train_sft(config, workdir, process)
+  logging.info("SFT %s at step %d", result.status, result.step)
+  print(f"SFT {result.status} at step {result.step}; workdir {workdir}", flush=True)
+  return 0
