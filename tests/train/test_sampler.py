@@ -1,0 +1,214 @@
+"""KV-cache sampler: greedy equals the argmax of repeated full forwards, sampled tokens follow the filtered
+distribution, group sharing equals repeated prompts, one compile per bucket, stream equals sample, and the
+sharded sampler equals one device."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vt_jax.model import sharding as S
+from vt_jax.model.config import PRESETS
+from vt_jax.model.inputs import build_model_inputs
+from vt_jax.model.modeling import Qwen25VL
+from vt_jax.train import sampler as SM
+
+TINY = PRESETS["tiny"]
+PATCH_DIM = TINY.vision.patch_dim
+
+
+def _ids(rng, items):
+  """Token ids for ("text", n) / ("video", grid) / ("image", grid) items -> (ids, images, videos)."""
+  ids, images, videos = [], [], []
+  for kind, arg in items:
+    if kind == "text":
+      ids += rng.integers(0, 900, size=arg).tolist()
+      continue
+    t, h, w = arg
+    pad = TINY.image_token_id if kind == "image" else TINY.video_token_id
+    ids += [TINY.vision_start_token_id] + [pad] * (t * h * w // 4) + [TINY.vision_end_token_id]
+    (images if kind == "image" else videos).append(arg)
+  return ids, images, videos
+
+
+def make_prompts(seed=0, rows=None, length=None):
+  """Right-padded prompts with a video, an image and a text-only row (numpy dict)."""
+  rng = np.random.default_rng(seed)
+  rows = rows or [[("text", 3), ("video", (2, 4, 4)), ("text", 5)], [("text", 6)],
+                  [("image", (1, 4, 4)), ("text", 4)]]
+  built = [_ids(rng, r) for r in rows]
+  length = length or max(len(i) for i, _, _ in built)
+  ids = np.full((len(rows), length), TINY.pad_token_id, np.int64)
+  mask = np.zeros_like(ids)
+  for b, (i, _, _) in enumerate(built):
+    ids[b, :len(i)], mask[b, :len(i)] = i, 1
+  images = [g for _, im, _ in built for g in im]
+  videos = [g for _, _, v in built for g in v]
+  px = lambda grids: (rng.standard_normal((sum(t * h * w for t, h, w in grids), PATCH_DIM)).astype(np.float32)
+                      if grids else None)
+  return build_model_inputs(TINY, ids, mask, px(images), images or None, px(videos), videos or None,
+                            [0.5] * len(videos) if videos else None)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Qwen25VL(TINY, rngs=nnx.Rngs(3), dtype=jnp.float32)
+
+
+def _full_forward_greedy(model, batch, steps):
+  """Reference: re-run the whole sequence (prompt + tokens so far) each step and take the argmax."""
+  b, length = batch["input_ids"].shape
+  lengths = batch["segment_ids"].sum(1)
+  total = length + steps
+  ids = np.full((b, total), TINY.pad_token_id, np.int32)
+  pos = np.zeros((3, b, total), np.int32)
+  index = np.full((b, total), -1, np.int32)
+  for r in range(b):
+    n = lengths[r]
+    ids[r, :n], pos[:, r, :n] = batch["input_ids"][r, :n], batch["positions"][:, r, :n]
+    index[r, :n] = batch["vision_token_index"][r, :n]
+  out = np.zeros((b, steps), np.int32)
+  forward = jax.jit(lambda i, p, s, x: model(i, p, s, pixel_values=batch["pixel_values"],
+                                             vision_pos_hw=batch["vision_pos_hw"],
+                                             vision_window_ids=batch["vision_window_ids"],
+                                             vision_group_ids=batch["vision_group_ids"], vision_token_index=x))
+  for k in range(steps):
+    seg = (np.arange(total)[None] < (lengths + k)[:, None]).astype(np.int32)
+    logits = np.asarray(forward(ids, pos, seg, index))
+    for r in range(b):
+      at = lengths[r] + k - 1
+      out[r, k] = logits[r, at].argmax()
+      ids[r, at + 1] = out[r, k]
+      pos[:, r, at + 1] = batch["next_position"][r] + k
+  return out
+
+
+def test_greedy_equals_argmax_of_full_forwards(model):
+  batch = make_prompts(0)
+  steps = 6
+  config = SM.SamplingConfig(temperature=0.0, max_new_tokens=steps, eos_ids=(TINY.eos_token_ids[0],),
+                             pad_id=TINY.pad_token_id)
+  out = SM.sample(model, batch, key=jax.random.key(0), config=config)
+  ref = _full_forward_greedy(model, batch, steps)
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  print(f"\n[sampler] greedy {tokens.tolist()}")
+  assert tokens.shape == (3, steps)
+  for r in range(3):
+    np.testing.assert_array_equal(tokens[r, :lengths[r]], ref[r, :lengths[r]])
+    assert lengths[r] == steps or tokens[r, lengths[r] - 1] == TINY.eos_token_ids[0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.3, 0, 0.6),
+                                                     (0.8, 4, 0.9)])
+def test_choose_tokens_follows_filtered_distribution(temperature, top_k, top_p):
+  logits = jnp.asarray([2.0, 1.5, 1.0, 0.4, 0.0, -0.5, -1.0, -3.0], jnp.float32)
+  n = 20000
+  config = SM.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=1)
+  tokens, logp = SM.choose_tokens(jnp.broadcast_to(logits, (n, 8)), SM.row_keys(jax.random.key(7), n), 0,
+                                  config)
+  # Independent numpy reference: temperature, keep the top_k, then the nucleus; renormalise.
+  p = np.exp(np.asarray(logits) / temperature)
+  p /= p.sum()
+  keep = np.ones(8, bool)
+  if top_k:
+    keep[np.argsort(-p)[top_k:]] = False
+  if top_p < 1.0:
+    q = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+    order = np.argsort(-q)
+    before = np.cumsum(q[order]) - q[order]
+    keep[order[before >= top_p]] = False
+  want = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+  freq = np.bincount(np.asarray(tokens), minlength=8) / n
+  assert freq[~keep].sum() == 0, freq
+  tv = 0.5 * np.abs(freq - want).sum()
+  assert tv < 0.015, (freq, want)
+  np.testing.assert_allclose(np.asarray(logp), np.log(p)[np.asarray(tokens)], rtol=1e-5)
+
+
+def test_model_samples_follow_prefill_distribution(model):
+  """2,000 one-token samples of one prompt (group sharing) vs softmax of the full forward's logits."""
+  batch = make_prompts(1, rows=[[("text", 5), ("video", (2, 4, 4)), ("text", 3)]])
+  config = SM.SamplingConfig(temperature=0.05, top_k=5, max_new_tokens=1, eos_ids=(999,), pad_id=990)
+  out = SM.sample(model, batch, key=jax.random.key(1), config=config, group_size=2000)
+  n = batch["segment_ids"].sum()
+  logits = np.asarray(model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["positions"]),
+                            jnp.asarray(batch["segment_ids"]), pixel_values=batch["pixel_values"],
+                            vision_pos_hw=batch["vision_pos_hw"], vision_window_ids=batch["vision_window_ids"],
+                            vision_group_ids=batch["vision_group_ids"],
+                            vision_token_index=batch["vision_token_index"]))[0, n - 1]
+  top = np.argsort(-logits)[:5]
+  p = np.exp((logits[top] - logits[top].max()) / 0.05)
+  p /= p.sum()
+  tokens = np.asarray(out.tokens)[:, 0]
+  assert set(np.unique(tokens)) <= set(top.tolist())
+  freq = np.array([(tokens == t).mean() for t in top])
+  print(f"\n[sampler] top-5 probs {np.round(p, 3).tolist()} freq {np.round(freq, 3).tolist()}")
+  assert 0.5 * np.abs(freq - p).sum() < 0.04
+
+
+def test_group_sharing_equals_repeated_prompts_and_one_compile(model):
+  batch = make_prompts(2)
+  config = SM.SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=8, eos_ids=(992, 990), pad_id=990)
+  before = SM.TRACE_COUNTS["sample"]
+  shared = SM.sample(model, batch, key=jax.random.key(4), config=config, group_size=3)
+  repeated = {k: np.repeat(v, 3, axis=1 if k == "positions" else 0) for k, v in batch.items()}
+  plain = SM.sample(model, repeated, key=jax.random.key(4), config=config, group_size=1)
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(plain.tokens))
+  np.testing.assert_array_equal(np.asarray(shared.lengths), np.asarray(plain.lengths))
+  np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(plain.logprobs), atol=1e-5)
+  # The G samples of a prompt differ (they are samples, not copies).
+  assert len({tuple(r) for r in np.asarray(shared.tokens)[:3].tolist()}) > 1
+  assert SM.TRACE_COUNTS["sample"] == before + 2  # two buckets (B=3, G=3) and (B=9, G=1)
+  # Same bucket, other prompts and key: no new compile.
+  SM.sample(model, make_prompts(5, length=batch["input_ids"].shape[1]), key=jax.random.key(9), config=config,
+            group_size=3)
+  assert SM.TRACE_COUNTS["sample"] == before + 2
+
+
+def test_eos_stop_padding_filler_rows_and_stream(model):
+  batch = make_prompts(3)
+  greedy = SM.SamplingConfig(temperature=0.0, max_new_tokens=5, eos_ids=(999,), pad_id=990)
+  first = np.asarray(SM.sample(model, batch, key=jax.random.key(0), config=greedy).tokens)[:, 0]
+  # Make row 0's first greedy token an EOS id: it stops after one token, the rest is padding.
+  stop = SM.SamplingConfig(temperature=0.0, max_new_tokens=5, eos_ids=(int(first[0]),), pad_id=990)
+  batch["segment_ids"][2] = 0  # a filler row: generates nothing
+  out = SM.sample(model, batch, key=jax.random.key(0), config=stop)
+  assert np.asarray(out.lengths)[0] == 1 and bool(np.asarray(out.finished)[0])
+  np.testing.assert_array_equal(np.asarray(out.tokens)[0, 1:], 990)
+  assert np.asarray(out.lengths)[2] == 0 and not bool(np.asarray(out.finished)[2])
+  np.testing.assert_array_equal(np.asarray(out.tokens)[2], 990)
+  # stream yields the same tokens as sample, column by column.
+  config = SM.SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=6, eos_ids=(992,), pad_id=990)
+  want = np.asarray(SM.sample(model, batch, key=jax.random.key(5), config=config).tokens)
+  got = np.stack(list(SM.stream(model, batch, key=jax.random.key(5), config=config)), axis=1)
+  np.testing.assert_array_equal(got, want[:, :got.shape[1]])
+  assert got.shape[1] == 6 or np.all(want[:, got.shape[1]:] == 990)
+
+
+def test_bad_inputs_raise_named_errors(model):
+  batch = make_prompts(0)
+  config = SM.SamplingConfig(max_new_tokens=2)
+  with pytest.raises(SM.SamplingError, match="segment_ids"):
+    SM.sample(model, {k: v for k, v in batch.items() if k != "segment_ids"}, key=jax.random.key(0), config=config)
+  with pytest.raises(SM.SamplingError, match="vision_pos_hw"):
+    SM.sample(model, {k: v for k, v in batch.items() if k != "vision_pos_hw"}, key=jax.random.key(0),
+              config=config)
+  with pytest.raises(SM.SamplingError, match="top_p"):
+    SM.SamplingConfig(top_p=0.0)
+  with pytest.raises(SM.SamplingError, match="group_size"):
+    SM.sample(model, batch, key=jax.random.key(0), config=config, group_size=0)
+
+
+def test_sharded_sampler_equals_single_device():
+  assert len(jax.devices()) == 8
+  mesh = S.make_mesh(data=2, fsdp=2, tensor=2)
+  single = Qwen25VL(TINY, rngs=nnx.Rngs(6), dtype=jnp.float32, rules=S.LOGICAL_RULES)
+  sharded = S.shard_model(Qwen25VL(TINY, rngs=nnx.Rngs(6), dtype=jnp.float32, rules=S.LOGICAL_RULES), mesh)
+  assert sharded.text.layers.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  batch = make_prompts(4, rows=[[("text", 3), ("video", (2, 4, 4)), ("text", 5)], [("text", 6)]])
+  config = SM.SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=6, eos_ids=(992,), pad_id=990)
+  want = SM.sample(single, batch, key=jax.random.key(2), config=config, group_size=2)
+  with jax.set_mesh(mesh):
+    got = SM.sample(sharded, batch, key=jax.random.key(2), config=config, group_size=2)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-4)

@@ -1,0 +1,306 @@
+"""Autoregressive sampling on the KV cache: one jit-compiled call per (batch, prompt length, new tokens)
+bucket for rollouts and evaluation, and a host-stepped stream for interactive use.
+
+`sample` encodes each prompt's vision once, prefills each prompt once, repeats the cache `group_size` times
+(GRPO's G samples per prompt share one prefill), then decodes inside a `lax.while_loop` that stops as soon as
+every row has emitted an EOS id -- no host round-trip per token.
+
+Randomness is per output row: row r (prompt r // G, sample r % G) draws its step-s token with
+`fold_in(fold_in(key, r), s)`. A row's samples therefore do not depend on the batch layout: sharing a prompt
+across a group gives the same tokens as repeating the prompt G times, a sharded batch the same as one device,
+and `stream` the same as `sample`.
+
+Prompt dict (see the data pipeline's prompt-only batches): input_ids `[B, L]`, positions `[3, B, L]`,
+segment_ids `[B, L]` (nonzero on the prompt, right-padded), optionally next_position `[B]`, the vision buffer
+(pixel_values `[B, P, patch_dim]`, vision_pos_hw, vision_window_ids, vision_group_ids) or vision_embeds
+`[B, P/4, D]` (already encoded), and vision_token_index `[B, L]`. Rows with an all-zero segment_ids (filler
+rows that pad a batch) generate nothing: length 0, not finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vt_jax.model.sharding import constrain
+
+VISION_KEYS = ("pixel_values", "vision_pos_hw", "vision_window_ids", "vision_group_ids")
+PROMPT_INPUT_KEYS = ("input_ids", "positions", "segment_ids", "next_position", "vision_token_index",
+                     "vision_embeds") + VISION_KEYS
+
+# Times a sampling function was traced (a new bucket or config): tests check one compile per bucket.
+TRACE_COUNTS = {"sample": 0, "prefill": 0, "step": 0}
+
+
+class SamplingError(ValueError):
+  """Bad sampling inputs or settings; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick tokens (frozen and hashable: it is a static argument of the jitted sampler).
+
+  temperature: 0 = greedy (argmax); otherwise logits / temperature.
+  top_p: nucleus -- keep the smallest set of most likely tokens whose probability reaches top_p (the most
+    likely token is always kept, so a tiny top_p is greedy). 1.0 = off.
+  top_k: keep the k most likely tokens; 0 = off. Applied before top_p (as in transformers).
+  max_new_tokens: T, the static decode length (a bucket).
+  eos_ids: a row stops after emitting any of these (the EOS counts in its length).
+  pad_id: written after a row's EOS and for rows that generate nothing.
+  cache_dtype: KV-cache dtype name ("bfloat16", "float32"); None = the model's compute dtype.
+  """
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 256
+  eos_ids: tuple[int, ...] = (151645, 151643)
+  pad_id: int = 151643
+  cache_dtype: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+    if self.temperature < 0:
+      raise SamplingError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise SamplingError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise SamplingError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+    if self.max_new_tokens <= 0:
+      raise SamplingError(f"SamplingConfig.max_new_tokens must be positive, got {self.max_new_tokens}")
+    if not self.eos_ids:
+      raise SamplingError("SamplingConfig.eos_ids must not be empty")
+
+  @classmethod
+  def for_model(cls, model_config, **kwargs) -> "SamplingConfig":
+    """Stop and pad ids from a `ModelConfig` (eos_token_ids, pad_token_id), other fields from kwargs."""
+    kwargs.setdefault("eos_ids", tuple(model_config.eos_token_ids))
+    kwargs.setdefault("pad_id", int(model_config.pad_token_id))
+    return cls(**kwargs)
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  """Generated completions, one row per (prompt, sample): row b * G + g is prompt b's g-th sample.
+
+  tokens:   `[B*G, T]` int32, pad_id after a row's EOS.
+  lengths:  `[B*G]` int32, generated tokens including the EOS.
+  finished: `[B*G]` bool, True where the row emitted an EOS within T tokens.
+  logprobs: `[B*G, T]` fp32, log p(token) under softmax(logits / temperature) (plain softmax when greedy),
+            before top-k/top-p truncation; 0 after the end.
+  """
+  tokens: np.ndarray | jax.Array
+  lengths: np.ndarray | jax.Array
+  finished: np.ndarray | jax.Array
+  logprobs: np.ndarray | jax.Array
+
+
+# ---- token choice (pure) --------------------------------------------------------------------------------
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array | None]:
+  """Temperature, top-k and top-p applied to `[N, V]` fp32 logits.
+
+  Returns (candidate logits `[N, K]` with removed entries at -inf, their vocab ids `[N, K]`), or
+  (`[N, V]` scaled logits, None) when neither top-k nor top-p is active (ids = positions).
+  """
+  scaled = logits / config.temperature
+  if config.top_k == 0 and config.top_p >= 1.0:
+    return scaled, None
+  vocab = scaled.shape[-1]
+  k = vocab if config.top_k == 0 else min(config.top_k, vocab)
+  # top_k with k = V is a full descending sort; a small k avoids sorting the whole vocabulary.
+  cand, ids = jax.lax.top_k(scaled, k)
+  if config.top_p < 1.0:
+    probs = jax.nn.softmax(cand, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
+    cand = jnp.where(mass_before < config.top_p, cand, -jnp.inf)
+  return cand, ids
+
+
+def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, config: SamplingConfig):
+  """Next tokens for `[N, V]` logits with per-row keys `[N]` at decode step `step`.
+
+  Returns (tokens `[N]` int32, log p(token) `[N]` fp32 under softmax(logits / temperature)).
+  """
+  logits = logits.astype(jnp.float32)
+  if config.greedy:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+  else:
+    cand, ids = filter_logits(logits, config)
+    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+    pick = jax.vmap(jax.random.categorical)(keys, cand)
+    tokens = (pick if ids is None else jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]).astype(jnp.int32)
+    logp = jax.nn.log_softmax(logits / config.temperature, axis=-1)
+  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def row_keys(key: jax.Array, num_rows: int) -> jax.Array:
+  """`[num_rows]` keys, row r's = fold_in(key, r) (independent of batch layout and sharding)."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_rows))
+
+
+# ---- prefill + decode -----------------------------------------------------------------------------------
+
+def _prompt_arrays(prompts: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """The inputs the sampler reads, checked; host metadata and training-only keys are dropped."""
+  for name in ("input_ids", "positions", "segment_ids"):
+    if name not in prompts:
+      raise SamplingError(f"prompts lack {name!r} (have {sorted(prompts)})")
+  out = {k: prompts[k] for k in PROMPT_INPUT_KEYS if k in prompts and prompts[k] is not None}
+  b, l = np.shape(out["input_ids"])
+  if np.shape(out["positions"]) != (3, b, l):
+    raise SamplingError(f"prompts['positions'] has shape {np.shape(out['positions'])}, expected (3, {b}, {l})")
+  if np.shape(out["segment_ids"]) != (b, l):
+    raise SamplingError(f"prompts['segment_ids'] has shape {np.shape(out['segment_ids'])}, expected ({b}, {l})")
+  has_vision = "vision_embeds" in out or "pixel_values" in out
+  if has_vision and "vision_token_index" not in out:
+    raise SamplingError("prompts carry vision inputs but no 'vision_token_index'")
+  if "vision_embeds" in out:  # encoded already: the raw buffer is not needed
+    for k in VISION_KEYS:
+      out.pop(k, None)
+  elif "pixel_values" in out:
+    missing = [k for k in VISION_KEYS if k not in out]
+    if missing:
+      raise SamplingError(f"prompts carry pixel_values but lack {missing}")
+  elif "vision_token_index" in out and np.any(np.asarray(out["vision_token_index"]) >= 0):
+    raise SamplingError("prompts['vision_token_index'] points at vision tokens but no pixel_values or "
+                        "vision_embeds were given")
+  else:
+    out.pop("vision_token_index", None)
+  return out
+
+
+def _prefill(model, arrays: dict[str, jax.Array], max_new_tokens: int, cache_dtype):
+  """Prefills B prompts into a cache of L + T slots -> (last-token logits `[B, V]`, cache, has_prompt `[B]`)."""
+  b, l = arrays["input_ids"].shape
+  vision_embeds = arrays.get("vision_embeds")
+  if vision_embeds is None and "pixel_values" in arrays:
+    vision_embeds = model.encode_vision(*(arrays[k] for k in VISION_KEYS))  # once per prompt, not per sample
+  cache = model.init_cache(b, l + max_new_tokens, dtype=cache_dtype)
+  logits, cache = model.prefill(cache, arrays["input_ids"], arrays["positions"], arrays["segment_ids"],
+                                vision_embeds=vision_embeds, vision_token_index=arrays.get("vision_token_index"),
+                                next_position=arrays.get("next_position"))
+  return logits, cache, jnp.any(arrays["segment_ids"] > 0, axis=1)
+
+
+def _repeat_rows(tree, group_size: int, rules):
+  """Repeats every batch row G times (row b -> rows b*G .. b*G+G-1) in the cache and per-row arrays."""
+  if group_size == 1:
+    return tree
+  logits, cache, has_prompt = tree
+  rep = functools.partial(jnp.repeat, repeats=group_size)
+  kv_axes = (None, "cache_batch", "cache_length", "cache_kv_heads", None)
+  cache = cache.replace(k=constrain(rep(cache.k, axis=1), kv_axes, rules),
+                        v=constrain(rep(cache.v, axis=1), kv_axes, rules),
+                        valid=rep(cache.valid, axis=0), next_position=rep(cache.next_position, axis=0))
+  return rep(logits, axis=0), cache, rep(has_prompt, axis=0)
+
+
+def _cache_dtype(model, config: SamplingConfig):
+  return model.dtype if config.cache_dtype is None else jnp.dtype(config.cache_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "group_size"))
+def _sample_jit(graphdef, state, arrays, key, *, config: SamplingConfig, group_size: int):
+  TRACE_COUNTS["sample"] += 1  # runs at trace time only
+  model = nnx.merge(graphdef, state)
+  t = config.max_new_tokens
+  logits, cache, has_prompt = _repeat_rows(_prefill(model, arrays, t, _cache_dtype(model, config)), group_size,
+                                           model.rules)
+  n = logits.shape[0]
+  keys = row_keys(key, n)
+  eos = jnp.asarray(config.eos_ids, jnp.int32)
+  init = dict(step=jnp.zeros((), jnp.int32), logits=logits, cache=cache,
+              tokens=jnp.full((n, t), config.pad_id, jnp.int32), logprobs=jnp.zeros((n, t), jnp.float32),
+              lengths=jnp.zeros((n,), jnp.int32), finished=jnp.zeros((n,), bool), done=~has_prompt)
+
+  def cond(s):
+    return (s["step"] < t) & ~jnp.all(s["done"])
+
+  def body(s):
+    token, logp = choose_tokens(s["logits"], keys, s["step"], config)
+    live = ~s["done"]
+    token = jnp.where(live, token, config.pad_id)
+    hit_eos = live & jnp.any(token[:, None] == eos[None, :], axis=1)
+    tokens = jax.lax.dynamic_update_slice(s["tokens"], token[:, None], (0, s["step"]))
+    logprobs = jax.lax.dynamic_update_slice(s["logprobs"], jnp.where(live, logp, 0.0)[:, None], (0, s["step"]))
+    # The last step's decode is wasted work, but skipping it would need a cond around the whole model.
+    next_logits, cache = model.decode_step(s["cache"], token)
+    return dict(step=s["step"] + 1, logits=next_logits, cache=cache, tokens=tokens, logprobs=logprobs,
+                lengths=s["lengths"] + live.astype(jnp.int32), finished=s["finished"] | hit_eos,
+                done=s["done"] | hit_eos)
+
+  out = jax.lax.while_loop(cond, body, init)
+  return out["tokens"], out["lengths"], out["finished"], out["logprobs"]
+
+
+def sample(model, prompts: Mapping[str, Any], *, key: jax.Array, config: SamplingConfig,
+           group_size: int = 1) -> SampleOutput:
+  """Samples `group_size` completions per prompt in one compiled call.
+
+  Args:
+    model: a `Qwen25VL` (sharded or not; run under `jax.set_mesh(mesh)` for sharded execution).
+    prompts: the prompt dict (module docstring); extra keys (token_types, prompt_lengths, ...) are ignored.
+    key: a PRNG key; row r's randomness is derived from fold_in(key, r).
+    config: the `SamplingConfig` (static: a new config is a new compile).
+    group_size: G samples per prompt, sharing the prompt's vision encoding and prefill.
+
+  Returns:
+    `SampleOutput` of device arrays with B * G rows (prompt-major).
+  """
+  if group_size < 1:
+    raise SamplingError(f"group_size must be >= 1, got {group_size}")
+  arrays = _prompt_arrays(prompts)
+  graphdef, state = nnx.split(model)
+  tokens, lengths, finished, logprobs = _sample_jit(graphdef, state, arrays, key, config=config,
+                                                    group_size=group_size)
+  return SampleOutput(tokens=tokens, lengths=lengths, finished=finished, logprobs=logprobs)
+
+
+# ---- streaming ------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _prefill_jit(graphdef, state, arrays, *, config: SamplingConfig):
+  TRACE_COUNTS["prefill"] += 1
+  model = nnx.merge(graphdef, state)
+  return _prefill(model, arrays, config.max_new_tokens, _cache_dtype(model, config))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
+def _step_jit(graphdef, state, logits, cache, keys, step, done, *, config: SamplingConfig):
+  TRACE_COUNTS["step"] += 1
+  model = nnx.merge(graphdef, state)
+  token, _ = choose_tokens(logits, keys, step, config)
+  token = jnp.where(done, config.pad_id, token)
+  hit_eos = ~done & jnp.any(token[:, None] == jnp.asarray(config.eos_ids, jnp.int32)[None, :], axis=1)
+  next_logits, cache = model.decode_step(cache, token)
+  return token, next_logits, cache, done | hit_eos
+
+
+def stream(model, prompts: Mapping[str, Any], *, key: jax.Array, config: SamplingConfig) -> Iterator[np.ndarray]:
+  """Yields the next token of every row, `[B]` int32 numpy per step, until all rows ended or T steps.
+
+  A host loop over one jitted decode step (for printing tokens as they come). Rows that already ended get
+  pad_id. With the same key and config it yields exactly `sample(..., group_size=1).tokens` column by column.
+  """
+  arrays = _prompt_arrays(prompts)
+  graphdef, state = nnx.split(model)
+  logits, cache, has_prompt = _prefill_jit(graphdef, state, arrays, config=config)
+  keys = row_keys(key, logits.shape[0])
+  done = ~has_prompt
+  for step in range(config.max_new_tokens):
+    if bool(jnp.all(done)):
+      return
+    token, logits, cache, done = _step_jit(graphdef, state, logits, cache, keys, jnp.int32(step), done,
+                                           config=config)
+    yield np.asarray(token)
