@@ -123,3 +123,24 @@ def test_prepare_cli(synth, tmp_path, capsys):
   assert test["records"] == test["prepared"] == 2 and test["skipped"] == []
   assert 0 < test["codec_loss"]["max_abs"] < 0.4 and test["codec_loss"]["mean_abs"] < 0.01
   assert len(T.open_prepared(report["dataset_dir"], "test")) == 2
+
+
+def test_image_records_round_trip(splits, tmp_path, renderer):
+  import cv2
+  rng = np.random.default_rng(0)
+  img = cv2.GaussianBlur(rng.integers(0, 255, (90, 130, 3), dtype=np.uint8), (5, 5), 2)
+  cv2.imwrite(str(tmp_path / "pic.png"), img)
+  rec = dataclasses.replace(splits["train"][0], data_type="image", path="pic.png",
+                            video_path=str(tmp_path / "pic.png"), index=70)
+  builder = T.prepare({"train": [rec]}, tmp_path / "img", sampling=SAMPLING, image_format="png",
+                      progress=False)
+  record, vision, meta = T.decode_example(T.open_prepared(builder.data_dir)[0])
+  direct = V.load_image(rec.video_path)
+  assert not vision.is_video and vision.grid_thw == tuple(direct.grid_thw) and vision.grid_thw[0] == 1
+  np.testing.assert_array_equal(vision.pixel_values, direct.pixel_values)
+  assert record.data_type == "image" and meta["second_per_grid"] == 0.0
+  # The loader's sample from either form has image placeholders and the same ids.
+  a = Ld.ToSample(renderer, SAMPLING, "sft").map(rec)
+  b = Ld.ToSample(renderer, SAMPLING, "sft").map(T.open_prepared(builder.data_dir)[0])
+  np.testing.assert_array_equal(a.input_ids, b.input_ids)
+  assert (a.token_types == 1).sum() == np.prod(vision.grid_thw) // 4 and not (a.token_types == 2).any()

@@ -210,7 +210,7 @@ def _load_raw(file: str) -> list[Any]:
 
 def read_records(files: str | os.PathLike | Sequence[str | os.PathLike], *,
                  video_roots: Mapping[str, str] | None = None, require_trace: bool = False,
-                 data_types: Iterable[str] | None = ("video",)) -> list[Record]:
+                 data_types: Iterable[str] | None = None) -> list[Record]:
   """Read and validate every record of one or more JSON / JSONL files, in file order.
 
   data_types: keep only these data types (Video-R1 mixes images and videos); None keeps all.

@@ -12,11 +12,15 @@ features need TF). One example per record:
   record          the record's JSON (its file fields + source_file + index)
 
 Reading decodes the frames with OpenCV and runs the same `normalize` + `patchify` as `load_video`,
-so a prepared sample equals the directly loaded one up to the frame codec: identical with PNG; with
-JPEG (quality 95) the normalised pixels differ by a mean of ~0.01 and a max of ~0.2 on natural-like
-frames (one uint8 level is 0.015 in normalised units; `tests/data/test_tfds.py` bounds this and
-`python -m vt_jax.data.prepare` prints the measured difference on the first videos). Geometry, frame
-indices, timestamps and `second_per_grid` are stored exactly.
+so a prepared sample equals the directly loaded one up to the frame codec: identical with PNG. JPEG is
+written at quality 95 with full-resolution chroma (4:4:4). Measured |prepared - direct| of normalised
+pixels (one uint8 level = 0.015 in these units), `python -m vt_jax.data.prepare --measure N`:
+
+  | frames                                              | JPEG max / mean | bytes per 16-frame sample |
+  | 224x420 from the 640x360 benchmark videos (H.264)   | 0.32 / 0.0070   | JPEG 160 KB, PNG 357 KB    |
+  | 112x112 synthetic (flat colours, hard edges)        | 0.24 / 0.0032   | (4:2:0 chroma: 0.92 max)   |
+
+Geometry, frame indices, timestamps and `second_per_grid` are stored exactly.
 
 Example order is the record order (tfds shuffling disabled), so training from the records or from the
 prepared dataset sees the same sequence of samples.
@@ -92,34 +96,56 @@ def record_from_json(text: str | bytes) -> records_lib.Record:
   return records_lib.validate_record(raw, file, index, video_roots=None)
 
 
+def _resized_image(record: records_lib.Record, sampling: video_lib.VideoSampling):
+  """The uint8 resized frame `load_image` would patchify ([1, h, w, 3]) and its grid."""
+  if record.video_path is None:
+    raise video_lib.VideoNotFoundError(record.path, "no video root given for this record")
+  if not os.path.isfile(record.video_path):
+    raise video_lib.ImageError(record.video_path, "file does not exist")
+  bgr = cv2.imread(record.video_path, cv2.IMREAD_COLOR)
+  if bgr is None:
+    raise video_lib.ImageError(record.video_path, "OpenCV cannot decode the image")
+  factor = sampling.patch_size * sampling.merge_size
+  try:
+    h, w = video_lib.smart_resize(bgr.shape[0], bgr.shape[1], factor, video_lib.IMAGE_MIN_PIXELS,
+                                  video_lib.IMAGE_MAX_PIXELS)
+  except ValueError as e:
+    raise video_lib.ImageError(record.video_path, str(e)) from None
+  frame = video_lib.resize_frames(np.ascontiguousarray(bgr[None, ..., ::-1]), h, w, sampling.resize)
+  grid = (1, h // sampling.patch_size, w // sampling.patch_size)
+  return frame, grid
+
+
 def encode_example(record: records_lib.Record, sampling: video_lib.VideoSampling, *,
                    image_format: Literal["jpeg", "png"] = "jpeg", jpeg_quality: int = 95) -> dict[str, Any]:
   """Load one record's video and encode it as a prepared example (raises video.VideoError)."""
   if record.data_type == "image":
-    img = load_vision(record, sampling)
-    raise PreparedDataError(f"{record.source_file}, record {record.index}: image records are not "
-                            f"prepared ({img.path}); read them from the records source")
-  vf = load_vision(record, sampling, keep_uint8=True)
+    frames_uint8, grid_thw = _resized_image(record, sampling)
+    video = {"frame_indices": [0], "timestamps": [0.0], "video_fps": 0.0, "total_frames": 1,
+             "sampled_fps": 0.0, "second_per_grid": 0.0}
+  else:
+    vf = load_vision(record, sampling, keep_uint8=True)
+    frames_uint8, grid_thw = vf.frames_uint8, vf.grid_thw
+    video = {"frame_indices": np.asarray(vf.frame_indices).tolist(),
+             "timestamps": np.asarray(vf.timestamps, np.float64).tolist(),
+             "video_fps": float(vf.video_fps), "total_frames": int(vf.total_frames),
+             "sampled_fps": float(vf.sampled_fps), "second_per_grid": float(vf.second_per_grid)}
   # Full-resolution chroma (4:4:4): the default 4:2:0 subsampling smears colour edges by up to ~60 uint8
   # levels; 4:4:4 costs ~30% more bytes and cuts the worst case by 4x (see the module docstring).
   ext, params = (".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality), cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
                           cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]) if image_format == "jpeg" else (
       ".png", [cv2.IMWRITE_PNG_COMPRESSION, 3])
   frames = []
-  for rgb in vf.frames_uint8:  # one C call per frame
+  for rgb in frames_uint8:  # one C call per frame
     ok, buf = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]), params)
     if not ok:
       raise PreparedDataError(f"{record.video_path}: OpenCV could not encode a frame as {image_format}")
     frames.append(buf.tobytes())
   return {
       "frames": frames,
-      "grid_thw": np.asarray(vf.grid_thw, np.int64),
-      "is_video": True,
-      "video": json.dumps({
-          "frame_indices": np.asarray(vf.frame_indices).tolist(),
-          "timestamps": np.asarray(vf.timestamps, np.float64).tolist(),
-          "video_fps": float(vf.video_fps), "total_frames": int(vf.total_frames),
-          "sampled_fps": float(vf.sampled_fps), "second_per_grid": float(vf.second_per_grid)}),
+      "grid_thw": np.asarray(grid_thw, np.int64),
+      "is_video": record.data_type != "image",
+      "video": json.dumps(video),
       "record": record_to_json(record),
   }
 
