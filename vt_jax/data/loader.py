@@ -147,7 +147,8 @@ class ToSample(grain.transforms.Map):
               "second_per_grid": vision.second_per_grid, **video_meta}
       return self.renderer.sample(record.problem, record.options, [vision], completion,
                                   answer=record.answer, problem_type=record.problem_type, meta=meta)
-    except (video_lib.VideoError, SequenceError, tfds_builder.PreparedDataError) as e:
+    except (video_lib.VideoError, SequenceError, tfds_builder.PreparedDataError,
+            records_lib.RecordError) as e:
       src = record.source_file if record is not None else "?"
       idx = record.index if record is not None else -1
       path = record.video_path if record is not None else None
@@ -234,7 +235,8 @@ class _PackedBatchIterator(grain.DatasetIterator, _StatsMixin):
       self._counts.dropped_too_long += delta.dropped_too_long
       self._counts.dropped_vision_overflow += delta.dropped_vision_overflow
       if fitted is not None:
-        assert not self._packer.add(fitted)
+        closed = self._packer.add(fitted)
+        assert not closed, "the window was closed above"
     return True
 
   def __next__(self):
