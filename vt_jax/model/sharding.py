@@ -149,6 +149,24 @@ def create_model(config, mesh: jax.sharding.Mesh, rules: Rules | None = None, *,
   return nnx.merge(graphdef, state)
 
 
+CACHE_AXES = {
+    "k": ("layers", "cache_batch", "cache_length", "cache_kv_heads", None),
+    "v": ("layers", "cache_batch", "cache_length", "cache_kv_heads", None),
+    "valid": ("cache_batch", "cache_length"),
+    "index": (),
+    "next_position": ("cache_batch",),
+}
+
+
+def kv_cache_shardings(mesh: jax.sharding.Mesh, rules: Rules | None = None):
+  """A `text.KVCache` of NamedShardings (batch over data/fsdp, kv heads over tensor), e.g. for
+  `jax.jit(model.init_cache, out_shardings=...)`."""
+  from vt_jax.model.text import KVCache  # local import: text imports this module
+
+  return KVCache(**{name: NamedSharding(mesh, logical_to_spec(axes, rules, mesh.axis_names))
+                    for name, axes in CACHE_AXES.items()})
+
+
 def shard_model(model, mesh: jax.sharding.Mesh, rules: Rules | None = None):
   """Moves an existing model's parameters into their shardings (in place) and returns it."""
   state = nnx.state(model)

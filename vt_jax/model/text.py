@@ -15,6 +15,7 @@ from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, cons
                                  param, scan_layers, stack_layers)
 
 ACT = ("act_batch", "act_length", "act_embed")
+CACHE = ("cache_batch", "cache_length", "cache_kv_heads", None)  # one layer's k or v
 
 
 class DecoderLayer(nnx.Module):
@@ -149,6 +150,8 @@ class TextDecoder(nnx.Module):
       q, k, v = layer.project(x, cos, sin, self.rules)
       k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      k_cache = constrain(k_cache, CACHE, self.rules)
+      v_cache = constrain(v_cache, CACHE, self.rules)
       out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_seg, kv_seg, causal=True,
                       q_positions=q_pos, kv_positions=kv_pos, impl=layer.attention_impl)
       return layer.finish(x, out, self.rules), (k_cache, v_cache)
