@@ -131,6 +131,59 @@ def test_splash_attention_step_compiles_in_the_dry_run():
   assert "Pallas" in dr.format_report(report)
 
 
+def scanned_layers(ws, x):
+  return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+
+
+def unrolled_layers(ws, x):
+  for i in range(ws.shape[0]):
+    x = jnp.tanh(x @ ws[i])
+  return x
+
+
+def layer_args(mesh, layers=8, width=1024, rows=1024):
+  return (jax.ShapeDtypeStruct((layers, width, width), jnp.bfloat16, sharding=NamedSharding(mesh, P())),
+          jax.ShapeDtypeStruct((rows, width), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp"))))
+
+
+def test_unroll_scans_keeps_values_and_removes_loops():
+  ws = jax.random.normal(jax.random.key(0), (3, 16, 16)) / 4
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+
+  def loss(ws, x):  # nested: a scan inside remat inside grad
+    body = jax.checkpoint(lambda h, w: (jnp.tanh(h @ w), None))
+    return jnp.sum(jax.lax.scan(body, x, ws)[0] ** 2)
+
+  step = jax.value_and_grad(loss)
+  np.testing.assert_allclose(np.asarray(dr.unroll_scans(step)(ws, x)[1]), np.asarray(step(ws, x)[1]),
+                             rtol=1e-6, atol=1e-7)
+  assert " while(" in jax.jit(step).lower(ws, x).as_text("hlo")
+  assert " while(" not in jax.jit(dr.unroll_scans(step)).lower(ws, x).as_text("hlo")
+
+
+def test_scanned_layers_are_costed_at_their_trip_count():
+  # XLA's cost model counts a while-loop body once; by default the dry run asks it about
+  # the step with its scans unrolled, which costs what the unrolled layers cost.
+  layers, width, rows = 8, 1024, 1024
+  split = {"layers": 2 * rows * width * width * layers}
+  flat = dr.dry_run(unrolled_layers, layer_args, topology="v5p:2x2x1", flops_split=split)
+  loop = dr.dry_run(scanned_layers, layer_args, topology="v5p:2x2x1", flops_split=split)
+  assert flat.while_loops == 0 and loop.while_loops >= 1
+  assert loop.cost_source.startswith("the step with scans unrolled")
+  assert loop.compiler_flops == pytest.approx(flat.compiler_flops, rel=0.02)
+  assert loop.step_seconds == pytest.approx(flat.step_seconds, rel=0.1)
+  assert loop.memory == dr.dry_run(scanned_layers, layer_args, topology="v5p:2x2x1",
+                                   loop_cost="once").memory  # memory: the looped program
+  # 'once' leaves the compiler's count as is (one body) and says so; 'scale' scales it back.
+  once = dr.dry_run(scanned_layers, layer_args, topology="v5p:2x2x1", flops_split=split, loop_cost="once")
+  assert once.compiler_flops == pytest.approx(flat.compiler_flops / layers, rel=0.1)
+  assert "count each loop body once" in dr.format_report(once)
+  scaled = dr.dry_run(scanned_layers, layer_args, topology="v5p:2x2x1", flops_split=split, loop_cost="scale")
+  assert scaled.loop_scale == pytest.approx(layers, rel=0.1)
+  assert 0.5 < scaled.step_seconds / flat.step_seconds < 2.0
+  assert "loop trips" in dr.format_report(scaled)
+
+
 def test_impossible_config_fails_cleanly_in_the_compiler():
   # 128 GiB of fp32 params per device on 95.74 GiB chips: the TPU compiler refuses.
   with pytest.raises(dr.DoesNotFit) as err:

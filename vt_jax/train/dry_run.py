@@ -11,17 +11,23 @@ compiled program reports per-chip memory (`memory_analysis`) and the compiler's 
 model (`cost_analysis`: FLOPs, 'optimal_seconds'). With no topology the present devices
 are used.
 
-Two caveats the table states when they apply:
+Caveats the table states when they apply:
 - Pallas kernels (splash attention) are custom calls the cost model cannot see into:
   their FLOPs are missing from the compiler's count and time. The analytic FLOPs of
   `kernel_flops_keys` (default: 'attention' when the program holds Mosaic kernels) are
   added to the step time at `kernel_efficiency` x peak.
+- XLA's cost model counts the body of a while loop ONCE, and scanned layers are while
+  loops: for a 28-layer scanned decoder it sees about 1/28 of the work. By default
+  (loop_cost='unroll') a second compile of the step with every scan unrolled gives the
+  FLOPs and time; memory always comes from the real, looped step.
 - 'optimal_seconds' is a roofline-style estimate, so the MFU it implies is an upper bound.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import re
 import sys
 import time
@@ -31,6 +37,7 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
+from jax.extend import core as jcore
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from vt_jax.train import tpu_specs
@@ -85,11 +92,14 @@ class DryRunReport:
   hbm_fraction: float
   peak_flops_per_device: float | None
   compiler_flops: float | None        # per device, ops the cost model sees
-  compiler_seconds: float | None      # 'optimal_seconds'
+  compiler_seconds: float | None      # 'optimal_seconds' (loop bodies counted once)
+  while_loops: int                    # while loops in the compiled step (scans)
+  loop_scale: float                   # factor applied to compiler_seconds (loop_cost='scale')
+  cost_source: str                    # which compile the FLOPs/time come from
   flops_split: dict[str, float]
   kernel_flops_keys: tuple[str, ...]  # entries of flops_split run inside Pallas kernels
   kernel_efficiency: float
-  compile_seconds: float
+  compile_seconds: float               # of the step itself
   notes: tuple[str, ...] = ()
 
   @property
@@ -116,7 +126,7 @@ class DryRunReport:
   def step_seconds(self) -> float | None:
     if self.compiler_seconds is None:
       return None
-    return self.compiler_seconds + self.kernel_seconds
+    return self.compiler_seconds * self.loop_scale + self.kernel_seconds
 
   @property
   def mfu(self) -> float | None:
@@ -144,14 +154,21 @@ class DryRunReport:
 def topology_devices(topology: str) -> tuple[tpu_specs.Topology, list]:
   """Compile-only TPU devices of a slice ('v5p:4x4x4', 'v5p-64', ...), no TPU needed."""
   topo = tpu_specs.parse_topology(topology)
+  if importlib.util.find_spec("libtpu") is None:
+    raise DryRunError(
+        f"cannot compile for TPU topology {topo.name!r}: libtpu (the TPU compiler) is not "
+        f"installed; pip install 'jax[tpu]=={jax.__version__}' (the project's `tpu` extra)")
+  if all(d.platform != "tpu" for d in jax.devices()):
+    # Compile-only use touches no chip, so the lock libtpu takes against a second process
+    # driving the same chips (/tmp/libtpu_lockfile) would only stop two dry runs at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
   try:
-    from jax.experimental import topologies
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name)
-  except (ImportError, RuntimeError) as err:
-    hint = ("libtpu is missing: pip install 'jax[tpu]' (the project's `tpu` extra)"
-            if "libtpu" in str(err).lower() or isinstance(err, ImportError) else
-            "compile-only topologies need at least one full host's chips (2x2x1 / 2x2)")
-    raise DryRunError(f"cannot describe TPU topology {topo.name!r}: {err}\n{hint}") from err
+  except RuntimeError as err:
+    raise DryRunError(
+        f"libtpu cannot describe TPU topology {topo.name!r}: {err}\n(compile-only topologies "
+        f"need at least one full host of chips: 2x2x1 for v4/v5p, 2x2 for v5e/v6e)") from err
   return topo, list(desc.devices)
 
 
@@ -316,7 +333,7 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
             hbm_fraction: float = 0.85, name: str | None = None,
             donate_argnums: int | Sequence[int] = (),
             kernel_flops_keys: Sequence[str] | None = None, kernel_efficiency: float = 1.0,
-            peak_flops_per_device: float | None = None,
+            peak_flops_per_device: float | None = None, loop_cost: str = "unroll",
             check_fit: bool = True) -> DryRunReport:
   """Lowers and compiles `step_fn(*args)` for a topology and reports memory, FLOPs, time.
 
@@ -331,9 +348,15 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
     'LLM': .., 'attention': ..}; MFU uses their sum.
   kernel_flops_keys: flops_split entries computed inside Pallas kernels (invisible to the
     cost model); None = ('attention',) when the program holds Mosaic kernels.
+  loop_cost: how to count scanned (while-loop) work, which XLA's cost model sees once:
+    'unroll' compiles the step a second time with every scan unrolled, for the cost only
+    (exact, slower); 'scale' multiplies the compiler's time by analytic / compiler FLOPs;
+    'once' reports the compiler's numbers as they are.
   Raises DoesNotFit when the step needs more than hbm_fraction x usable HBM per device
   (check_fit=False returns the report instead), DryRunError when it cannot be set up.
   """
+  if loop_cost not in ("unroll", "scale", "once"):
+    raise DryRunError(f"loop_cost={loop_cost!r}; expected 'unroll', 'scale' or 'once'")
   given_mesh = mesh is not None
   if mesh is None:
     mesh = make_dry_run_mesh(topology, mesh_shape)
@@ -355,15 +378,7 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   abstract_args = _abstract(args(mesh) if callable(args) else args, mesh)
   jitted = step_fn if hasattr(step_fn, "lower") else jax.jit(step_fn, donate_argnums=donate_argnums)
   start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    lowered = jitted.lower(*abstract_args)
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as err:
-      if "RESOURCE_EXHAUSTED" in str(err):
-        raise _not_fit_from_compiler(err, name, target, mesh_dict,
-                                     argument_bytes_per_device(abstract_args)) from err
-      raise
+  compiled = _compile(jitted, abstract_args, mesh, name, target)
   compile_seconds = time.perf_counter() - start
 
   stats = compiled.memory_analysis()
@@ -371,43 +386,132 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
       arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),
       aliased=int(stats.alias_size_in_bytes), temporaries=int(stats.temp_size_in_bytes),
       generated_code=int(stats.generated_code_size_in_bytes))
-  cost = compiled.cost_analysis() or {}
-  if isinstance(cost, list):  # older jax returned one dict per program
-    cost = cost[0] if cost else {}
-  compiler_flops = cost.get("flops")
-  compiler_seconds = cost.get("optimal_seconds")
-  if compiler_seconds is not None and compiler_seconds <= 0:
-    compiler_seconds = None
+  compiler_flops, compiler_seconds = _cost(compiled)
+  hlo = compiled.as_text()
+  has_kernels = platform == "tpu" and "tpu_custom_call" in hlo
+  while_loops = hlo.count(" while(")
 
-  notes = []
-  has_kernels = platform == "tpu" and "tpu_custom_call" in compiled.as_text()
   split = dict(flops_split or {})
   if kernel_flops_keys is None:
     kernel_flops_keys = ("attention",) if has_kernels and "attention" in split else ()
+  kernel_flops_keys = tuple(kernel_flops_keys)
   missing = [k for k in kernel_flops_keys if k not in split]
   if missing:
     raise DryRunError(f"kernel_flops_keys {missing} are not in flops_split {sorted(split)}")
+  notes = []
   if has_kernels and not kernel_flops_keys:
     notes.append("the program runs Pallas kernels whose FLOPs and time the compiler does "
                  "not see; name their analytic FLOPs in kernel_flops_keys")
   if kernel_flops_keys:
     notes.append(f"FLOPs of {' + '.join(kernel_flops_keys)} run in Pallas kernels the cost model "
                  f"cannot see: timed from analytic FLOPs at {kernel_efficiency:.0%} of peak")
-  if compiler_seconds is not None:
-    notes.append("'optimal_seconds' is the compiler's roofline estimate: MFU is an upper bound")
 
   report = DryRunReport(
       name=name, target=target, platform=platform, device_kind=kind,
       num_devices=len(devices), num_chips=num_chips, mesh_shape=mesh_dict, memory=memory,
       hbm_per_device=hbm, hbm_fraction=hbm_fraction,
-      peak_flops_per_device=peak_flops_per_device,
-      compiler_flops=None if compiler_flops is None else float(compiler_flops),
-      compiler_seconds=None if compiler_seconds is None else float(compiler_seconds),
-      flops_split=split, kernel_flops_keys=tuple(kernel_flops_keys),
-      kernel_efficiency=kernel_efficiency, compile_seconds=compile_seconds, notes=tuple(notes))
+      peak_flops_per_device=peak_flops_per_device, compiler_flops=compiler_flops,
+      compiler_seconds=compiler_seconds, while_loops=while_loops, loop_scale=1.0,
+      cost_source="the compiled step", flops_split=split, kernel_flops_keys=kernel_flops_keys,
+      kernel_efficiency=kernel_efficiency, compile_seconds=compile_seconds)
   if check_fit and report.fits is False:
     raise DoesNotFit(_not_fit_message(report), report)
-  return report
+
+  if while_loops and loop_cost == "unroll":
+    # The cost model counts a loop body once: ask it about the same step with every scan
+    # unrolled (memory still comes from the real, looped program).
+    start = time.perf_counter()
+    try:
+      unrolled = _compile(jax.jit(unroll_scans(jitted)), abstract_args, mesh, name, target)
+    except DoesNotFit:
+      unrolled = None  # unrolled copies may outgrow HBM where the loop fits
+    if unrolled is not None:
+      flops, seconds = _cost(unrolled)
+      left = unrolled.as_text().count(" while(")
+      report = dataclasses.replace(
+          report, compiler_flops=flops, compiler_seconds=seconds,
+          cost_source=f"the step with scans unrolled (second compile, "
+                      f"{time.perf_counter() - start:.0f} s)")
+      if left:
+        notes.append(f"{left} while loops that are not scans remain: their bodies count once")
+    else:
+      loop_cost = "scale"
+      notes.append("the scan-unrolled step does not fit in HBM, so its cost was not compiled")
+  if while_loops and loop_cost == "scale" and report.cost_source == "the compiled step":
+    seen = sum(v for k, v in split.items() if k not in kernel_flops_keys) / len(devices)
+    if seen and compiler_flops and compiler_seconds is not None:
+      scale = max(1.0, seen / compiler_flops)
+      report = dataclasses.replace(report, loop_scale=scale)
+      notes.append(
+          f"{while_loops} while loops (scans): XLA's cost model counts a loop body once; its time "
+          f"is scaled by analytic / compiler FLOPs = {scale:.1f}x (outside-loop work such as "
+          f"the optimiser update is scaled too, remat recomputation is not counted)")
+  if report.cost_source == "the compiled step" and while_loops and report.loop_scale == 1.0:
+    notes.append(f"{while_loops} while loops: the compiler's FLOPs and time count each loop "
+                 f"body once (loop_cost='unroll' or 'scale' corrects this)")
+  if report.compiler_seconds is not None:
+    notes.append("'optimal_seconds' is the compiler's roofline estimate: MFU is an upper bound")
+  return dataclasses.replace(report, notes=tuple(notes))
+
+
+def _compile(jitted, abstract_args, mesh: Mesh, name: str, target: str):
+  """Lower + compile under the mesh; the TPU compiler's out-of-HBM refusal -> DoesNotFit."""
+  with jax.set_mesh(mesh):
+    lowered = jitted.lower(*abstract_args)
+    try:
+      return lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+      if "RESOURCE_EXHAUSTED" in str(err):
+        raise _not_fit_from_compiler(err, name, target, dict(zip(mesh.axis_names, mesh.axis_sizes)),
+                                     argument_bytes_per_device(abstract_args)) from err
+      raise
+
+
+def _cost(compiled) -> tuple[float | None, float | None]:
+  """(FLOPs, 'optimal_seconds') per device from the compiler's cost model, None if absent."""
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, list):  # older jax returned one dict per program
+    cost = cost[0] if cost else {}
+  flops, seconds = cost.get("flops"), cost.get("optimal_seconds")
+  return (None if flops is None else float(flops),
+          None if seconds is None or seconds <= 0 else float(seconds))
+
+
+# ----------------------------------------------------------------------------- scans
+
+
+def _unroll_param(value):
+  if isinstance(value, jcore.ClosedJaxpr):
+    return jcore.ClosedJaxpr(_unroll_jaxpr(value.jaxpr), value.consts)
+  if isinstance(value, jcore.Jaxpr):
+    return _unroll_jaxpr(value)
+  if isinstance(value, tuple):
+    return tuple(_unroll_param(v) for v in value)
+  return value
+
+
+def _unroll_jaxpr(jaxpr):
+  eqns = []
+  for eqn in jaxpr.eqns:
+    params = {key: _unroll_param(value) for key, value in eqn.params.items()}
+    if eqn.primitive.name == "scan":
+      params["unroll"] = max(int(params["length"]), 1)  # unroll == length: no loop at all
+    eqns.append(eqn.replace(params=params))
+  return jaxpr.replace(eqns=eqns)
+
+
+def unroll_scans(fn: Callable) -> Callable:
+  """`fn` with every `lax.scan` in it (nested in jit/remat/shard_map too) fully unrolled.
+
+  Same values; the program simply has no scan loops left. Used for the cost model, which
+  counts a while-loop body once.
+  """
+  def unrolled(*args):
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    outs = jax.core.eval_jaxpr(_unroll_jaxpr(closed.jaxpr), closed.consts, *jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+  return unrolled
 
 
 # ----------------------------------------------------------------------------- table
@@ -457,12 +561,18 @@ def format_report(report: DryRunReport) -> str:
     lines.append(f"  {'total (analytic)':<28}{_tflop(total):>12}{_tflop(total / r.num_devices):>12}")
   if r.compiler_flops is not None:
     lines.append(f"  {'compiler cost model':<28}{_tflop(r.compiler_flops * r.num_devices):>12}"
-                 f"{_tflop(r.compiler_flops):>12}")
+                 f"{_tflop(r.compiler_flops):>12}   from {r.cost_source}")
 
   lines.append("")
   if r.step_seconds is not None:
-    extra = (f" (compiler {r.compiler_seconds * 1e3:.2f} ms + Pallas kernels "
-             f"{r.kernel_seconds * 1e3:.2f} ms)" if r.kernel_seconds else "")
+    parts = []
+    if r.loop_scale != 1.0:
+      parts.append(f"compiler {r.compiler_seconds * 1e3:.2f} ms x {r.loop_scale:.1f} loop trips")
+    elif r.kernel_seconds:
+      parts.append(f"compiler {r.compiler_seconds * 1e3:.2f} ms")
+    if r.kernel_seconds:
+      parts.append(f"Pallas kernels {r.kernel_seconds * 1e3:.2f} ms")
+    extra = f" ({' + '.join(parts)})" if parts else ""
     lines.append(f"  estimated step time  {r.step_seconds * 1e3:.2f} ms{extra}")
   else:
     lines.append("  estimated step time  n/a (no 'optimal_seconds' from this backend)")
