@@ -1,6 +1,5 @@
 """KV-cache prefill + decode: greedy tokens equal transformers' greedy `generate`, and decode equals a full
 forward over the same tokens."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -90,6 +89,9 @@ def test_bf16_export_and_bf16_import(hf_dir, tmp_path):
     assert h.get_slice(name).get_dtype() == "BF16"
     expected = _tensors(hf_dir)[name].astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(h.get_tensor(name), expected)
+  # A bf16 checkpoint (as released) imports into fp32 master weights exactly.
+  fp32 = hf_io.from_pretrained(tmp_path, param_dtype=jnp.float32)
+  np.testing.assert_array_equal(fp32.text.layers.q_proj.kernel[...][0], expected.astype(np.float32).T)
 
 
 def test_convert_cli_both_ways(hf_dir, tmp_path):

@@ -11,7 +11,7 @@ current mesh are dropped, and a mesh axis is never used twice in one spec (the f
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
