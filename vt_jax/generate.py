@@ -26,7 +26,7 @@ from typing import Sequence, TextIO
 
 from vt_jax import trace
 from vt_jax.data import prompts as prompts_lib
-from vt_jax.data.video import VideoError
+from vt_jax.data.video import VideoError, probe_video
 from vt_jax.eval.benchmarks import EvalItem
 
 log = logging.getLogger("vt_jax.generate")
@@ -86,8 +86,14 @@ def describe_trace(text: str, letters: str | None) -> str:
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
   from vt_jax.eval import html as html_lib, model_io  # after argument parsing: --help should not wait for jax
   options = lettered_options(args.options)
+  # The video is checked before the model is loaded (minutes for a large one).
   if not os.path.isfile(args.video):
     print(f"error: --video {args.video}: no such file", file=sys.stderr)
+    return 2
+  try:
+    probe_video(args.video)
+  except VideoError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   try:
     loaded = model_io.load_model(args.model, tokenizer=args.tokenizer, model_config=args.model_config,

@@ -329,11 +329,10 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
 def geometric_buckets(unit: int, limit: int) -> list[int]:
   """Static sizes unit * {1, 1.5, 2, 3, 4, 6, ...} (multiples of unit) up to >= limit: at most 50%
   padding, and a handful of compiles per run."""
-  sizes, k = [], 0
-  while not sizes or sizes[-1] < limit:
-    for factor in (2 ** k, 3 * 2 ** (k - 1)) if k else (1,):
-      size = -(-int(factor * unit) // unit) * unit
-      if not sizes or size > sizes[-1]:
+  sizes, k = [unit], 1
+  while sizes[-1] < limit:
+    for size in (3 * unit << (k - 2), unit << k) if k > 1 else (unit << k,):
+      if sizes[-1] < limit:
         sizes.append(size)
     k += 1
   return sizes
