@@ -621,9 +621,51 @@ def train_grpo(config, workdir: str, process=None, *, records=None, tokenizer=No
   return trainer.train(task, workdir, process=process, mesh=mesh)
 
 
+def run_demo(config, workdir: str, process=None) -> dict[str, Any]:
+  """The embedded default (configs/grpo_demo.py): synthetic data, the SFT demo (`config.sft`, evaluated
+  before and after), GRPO from its checkpoint, evaluation of the held-out split, a printed 3-row table.
+
+  Phases live in <workdir>/sft and <workdir>/grpo; rerunning resumes the unfinished one.
+  """
+  from vt_jax.train import demo  # pylint: disable=g-import-not-at-top
+  data_dir = config.demo.get("data_dir") or os.path.join(workdir, "synthetic")
+  with config.unlocked():
+    config.demo.data_dir = data_dir
+    config.sft.demo = config.demo  # one dataset and one evaluation protocol for every row of the table
+  data = demo.prepare_synthetic(config, workdir)
+  sft_dir, grpo_dir = os.path.join(workdir, "sft"), os.path.join(workdir, "grpo")
+  t0 = time.perf_counter()
+  sft_out = sft.run_demo(config.sft, sft_dir, process)
+  t_sft = time.perf_counter()
+  with config.unlocked():
+    config.model.init_checkpoint = sft_dir
+  check_required(config)
+  task = GRPOTask(config)
+  task.workdir = grpo_dir
+  mesh = distributed.make_mesh(config.mesh)
+  result = trainer.train(task, grpo_dir, process=process, mesh=mesh)
+  t_grpo = time.perf_counter()
+  evaluator = demo.Evaluator(config, data, nnx.split(result.model())[0], task.model_config())
+  name = f"grpo_step{result.step}"
+  with jax.set_mesh(mesh):
+    metrics = evaluator(result.model(), os.path.join(workdir, "eval", name), name)
+  rows = list(sft_out["rows"]) + [(f"after GRPO ({result.step} steps)", metrics)]
+  table = demo.format_table(rows)
+  demo.write_results(workdir, rows, table)
+  t_end = time.perf_counter()
+  if jax.process_index() == 0:
+    print(f"\nHeld-out synthetic split ({len(evaluator.items)} questions, 4 options: chance = 25%):\n{table}\n"
+          f"wall time: SFT phase {t_sft - t0:.0f} s, GRPO {t_grpo - t_sft:.0f} s, final eval {t_end - t_grpo:.0f} s\n",
+          flush=True)
+  return {"rows": rows, "result": result, "table": table}
+
+
 def run(config, workdir: str, process=None) -> int:
-  """CLI entry (`config.task = "grpo"`)."""
-  result = train_grpo(config, workdir, process)
+  """CLI entry (`config.task = "grpo"`): the demo when `config.demo.enabled`, else plain GRPO."""
+  if "demo" in config and config.demo.get("enabled"):
+    result = run_demo(config, workdir, process)["result"]
+  else:
+    result = train_grpo(config, workdir, process)
   logging.info("GRPO %s at step %d", result.status, result.step)
   print(f"GRPO {result.status} at step {result.step}; workdir {workdir}", flush=True)
   return 0
