@@ -25,6 +25,7 @@ def base_config() -> config_dict.ConfigDict:
   c.model.preset = "7b"                          # vt_jax.model.config.PRESETS; ignored with hf_dir
   c.model.hf_dir = config_dict.placeholder(str)  # start from a Hugging Face checkpoint directory
   c.model.init_checkpoint = config_dict.placeholder(str)  # ...or from params of an orbax checkpoint
+  c.model.require_pretrained = False             # True: refuse to start from random weights
   c.model.param_dtype = "float32"                # master weights
   c.model.dtype = "bfloat16"                     # compute
   c.model.remat = "none"                         # activation checkpointing policy of the model

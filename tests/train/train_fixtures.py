@@ -8,6 +8,7 @@ is skipped (tests/data covers it). Also imported by the multi-process worker scr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -163,3 +164,32 @@ def config(**overrides):
       node = node[p]
     node[parts[-1]] = value
   return c
+
+
+def tiny_model_config():
+  """The ModelConfig of `config()` (tiny preset + the test tokenizer's vocabulary and ids)."""
+  from vt_jax.train import sft
+  return sft.resolve_model_config(config())
+
+
+# Compiled programs are cached on disk, shared by the tests and their subprocesses: identical steps
+# (same shapes, config and mesh) compile once per machine instead of once per test.
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "vt_jax_test_compile_cache")
+CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
+@contextlib.contextmanager
+def compilation_cache():
+  import jax
+  from jax._src import compilation_cache as cc  # reset_cache has no public alias
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+    cc.reset_cache()

@@ -74,7 +74,20 @@ def run_task(config, workdir: str, process) -> int:
   return int(result) if isinstance(result, int) else 0
 
 
+class _QuietLibraries:
+  """logging filter: drops INFO records of chatty libraries (orbax logs every save in detail); their
+  warnings and errors still show."""
+
+  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}absl{os.sep}")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from vt_jax.train import distributed, trainer  # pylint: disable=g-import-not-at-top  # after flags

@@ -197,7 +197,7 @@ def check_required(cfg) -> None:
   missing = []
   if not cfg.data.get("train_files"):
     missing.append(("data.train_files", "/path/to/video_thinker_10k.json"))
-  if not cfg.model.get("hf_dir") and not cfg.model.get("init_checkpoint") and cfg.model.get("require_init", False):
+  if cfg.model.get("require_pretrained") and not (cfg.model.get("hf_dir") or cfg.model.get("init_checkpoint")):
     missing.append(("model.hf_dir", "/path/to/Qwen2.5-VL-7B-Instruct"))
   if not (cfg.data.get("tokenizer_dir") or cfg.model.get("hf_dir")):
     missing.append(("data.tokenizer_dir", "/path/to/tokenizer (defaults to model.hf_dir)"))
@@ -213,9 +213,47 @@ def train_sft(config, workdir: str, process=None, *, records=None, tokenizer=Non
   return trainer.train(task, workdir, process=process)
 
 
+def run_demo(config, workdir: str, process=None) -> dict[str, Any]:
+  """The embedded default: synthetic data (generated if absent), tiny model, evaluation of the held-out
+  split before and after SFT, a printed table. Returns {"before": metrics, "after": metrics, "result"}.
+
+  Rerunning the same command resumes training (or finds it finished) and reuses finished evaluations.
+  """
+  from vt_jax.train import demo  # pylint: disable=g-import-not-at-top
+  data = demo.prepare_synthetic(config, workdir)
+  check_required(config)
+  task = SFTTask(config)
+  mesh = distributed.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    initial = task.create_model(mesh)
+  graphdef = nnx.split(initial)[0]
+  evaluator = demo.Evaluator(config, data, graphdef, task.model_config())
+  rows = []
+  if config.demo.get("eval_before", True):
+    with jax.set_mesh(mesh):
+      rows.append(("before SFT (init)", evaluator(initial, os.path.join(workdir, "eval", "init"), "init")))
+  del initial
+  result = trainer.train(task, workdir, process=process, mesh=mesh)
+  name = f"sft_step{result.step}"
+  with jax.set_mesh(mesh):
+    rows.append((f"after SFT ({result.step} steps)",
+                 evaluator(result.model(), os.path.join(workdir, "eval", name), name)))
+  table = demo.format_table(rows)
+  demo.write_results(workdir, rows, table)
+  if jax.process_index() == 0:
+    print(f"\nHeld-out synthetic split ({len(evaluator.items)} questions, 4 options: chance = 25%):\n{table}\n",
+          flush=True)
+  return {"rows": rows, "result": result, "table": table}
+
+
 def run(config, workdir: str, process=None) -> int:
-  """CLI entry (`config.task = "sft"`)."""
-  result = train_sft(config, workdir, process)
-  logging.info("SFT %s at step %d", result.status, result.step)
-  print(f"SFT {result.status} at step {result.step}; workdir {workdir}", flush=True)
+  """CLI entry (`config.task = "sft"`): the demo when `config.demo.enabled`, else plain SFT."""
+  if "demo" in config and config.demo.get("enabled"):
+    out = run_demo(config, workdir, process)
+    status, step = out["result"].status, out["result"].step
+  else:
+    result = train_sft(config, workdir, process)
+    status, step = result.status, result.step
+  logging.info("SFT %s at step %d", status, step)
+  print(f"SFT {status} at step {step}; workdir {workdir}", flush=True)
   return 0

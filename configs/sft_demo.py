@@ -1,0 +1,57 @@
+"""The embedded default: SFT a tiny Qwen2.5-VL on synthetic video-reasoning data, on CPU, no downloads.
+
+  python -m vt_jax.train --config=sft_demo --workdir=runs/sft_demo
+
+Generates the synthetic dataset if absent (<workdir>/synthetic: 256 train / 64 test videos of moving
+shapes with 4-option questions and reference Video-Thinker traces, plus a 1,024-token BPE tokenizer),
+evaluates the randomly initialised tiny model on the 64 held-out questions (greedy, KV cache), SFTs it
+(steps and sizes below), evaluates again and prints a before/after table of accuracy, format-following
+(the trace rule of the GRPO format reward), answer rate, temporal-grounding mIoU and output length.
+Expected on a 2-core CPU: a few minutes in all; format-following goes from 0% to most answers, accuracy
+from chance (~25%) upward. Rerunning the command resumes (or finds the run finished).
+Results: <workdir>/demo_table.txt, demo_results.json, eval/*/report.md, metrics.jsonl.
+"""
+
+from ml_collections import config_dict
+
+from vt_jax.configs import base
+
+
+def get_config():
+  c = base.base_config()
+  c.task = "sft"
+  c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.model.preset = "tiny"
+  c.model.dtype = "float32"       # CPU: fp32 matmuls are faster than emulated bf16
+  c.data.prompt = "video_thinker"
+  # One synthetic sample per row (~540 tokens, at most ~600; 128 of them video): on CPU two short rows
+  # cost less than one long one (attention is quadratic in the row length).
+  c.data.seq_len = 640
+  c.data.vision_capacity = 512    # one video of 8 x 8 x 8 patches
+  c.data.pack_bins = 4
+  c.data.num_workers = 0
+  c.train.num_steps = 150
+  c.train.global_batch = 8
+  c.train.logprob_chunk = 256
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 15
+  c.optim.decay = "cosine"
+  c.optim.end_lr_ratio = 0.05
+  c.optim.weight_decay = 0.01
+  c.checkpoint.every_steps = 50
+  c.checkpoint.keep_latest = 2
+  c.log.every_steps = 10
+
+  c.demo = config_dict.ConfigDict()
+  c.demo.enabled = True
+  c.demo.data_dir = config_dict.placeholder(str)  # default <workdir>/synthetic
+  c.demo.num_train = 256
+  c.demo.num_test = 64
+  c.demo.data_seed = 0
+  c.demo.vocab_size = 1024
+  c.demo.eval_before = True
+  c.demo.num_eval = 0             # 0: the whole held-out split
+  c.demo.eval_batch = 32
+  c.demo.prompt_bucket = 448      # prompt rows are padded to this length (prompts are <= ~410 tokens)
+  c.demo.max_new_tokens = 224     # reference traces are <= ~180 tokens
+  return c
