@@ -150,13 +150,14 @@ def test_unroll_scans_keeps_values_and_removes_loops():
   ws = jax.random.normal(jax.random.key(0), (3, 16, 16)) / 4
   x = jax.random.normal(jax.random.key(1), (4, 16))
 
-  def loss(ws, x):  # nested: a scan inside remat inside grad
-    body = jax.checkpoint(lambda h, w: (jnp.tanh(h @ w), None))
+  def loss(ws, x):  # nested: a scan inside remat inside grad, with a gather in the body
+    perm = jnp.asarray(np.random.default_rng(0).permutation(16))
+    body = jax.checkpoint(lambda h, w: (jnp.tanh(h @ w)[:, perm], None))
     return jnp.sum(jax.lax.scan(body, x, ws)[0] ** 2)
 
   step = jax.value_and_grad(loss)
   np.testing.assert_allclose(np.asarray(dr.unroll_scans(step)(ws, x)[1]), np.asarray(step(ws, x)[1]),
-                             rtol=1e-6, atol=1e-7)
+                             rtol=2e-5, atol=1e-6)  # fusion order differs unrolled
   assert " while(" in jax.jit(step).lower(ws, x).as_text("hlo")
   assert " while(" not in jax.jit(dr.unroll_scans(step)).lower(ws, x).as_text("hlo")
 
@@ -237,11 +238,24 @@ def test_activation_overflow_suggests_remat_and_donation():
     ("v4:2x2x1", 8, 4, 15.25),  # compile-only v4 devices are TensorCores, 2 per chip
 ])
 def test_other_generations(topology, devices, chips, hbm_gib):
-  report = dr.dry_run(mlp_step, lambda mesh: mlp_args(mesh, 256, 512, 64), topology=topology)
+  report = dr.dry_run(mlp_step, lambda mesh: mlp_args(mesh, 256, 512, 64), topology=topology,
+                      flops_split={"MLP": 5 * 2 * 64 * 256 * 512})
   assert (report.num_devices, report.num_chips) == (devices, chips)
   assert report.hbm_per_device == pytest.approx(hbm_gib * GiB, rel=1e-6)
   chip = tpu_specs.parse_topology(topology).chip
   assert report.peak_flops_per_device == chip.peak_bf16_flops * chips / devices
+  assert report.step_seconds > 0 and 0 < report.mfu <= 1
+
+
+def test_roofline_time_when_the_compiler_gives_none():
+  # libtpu 0.0.42.1 answers optimal_seconds = -1 for this v4 step; the dry run falls back to
+  # the roofline of the cost model's own FLOPs and bytes.
+  report = dr.dry_run(mlp_step, lambda mesh: mlp_args(mesh, 1024, 4096, 1024), topology="v4:2x2x1",
+                      flops_split={"MLP": 5 * 2 * 1024 * 1024 * 4096})
+  assert "roofline max(FLOPs / peak" in dr.format_report(report)
+  chip = tpu_specs.chip_spec("v4")
+  assert report.compiler_seconds >= report.compiler_flops / (chip.peak_bf16_flops / 2)
+  assert 0 < report.mfu <= 1
 
 
 def test_present_devices_without_topology():

@@ -386,7 +386,8 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
       arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),
       aliased=int(stats.alias_size_in_bytes), temporaries=int(stats.temp_size_in_bytes),
       generated_code=int(stats.generated_code_size_in_bytes))
-  compiler_flops, compiler_seconds = _cost(compiled)
+  bandwidth = chip.hbm_bandwidth / per_chip if chip is not None else None
+  compiler_flops, compiler_seconds, roofline = _cost(compiled, peak_flops_per_device, bandwidth)
   hlo = compiled.as_text()
   has_kernels = platform == "tpu" and "tpu_custom_call" in hlo
   while_loops = hlo.count(" while(")
@@ -426,7 +427,7 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
     except DoesNotFit:
       unrolled = None  # unrolled copies may outgrow HBM where the loop fits
     if unrolled is not None:
-      flops, seconds = _cost(unrolled)
+      flops, seconds, roofline = _cost(unrolled, peak_flops_per_device, bandwidth)
       left = unrolled.as_text().count(" while(")
       report = dataclasses.replace(
           report, compiler_flops=flops, compiler_seconds=seconds,
@@ -449,7 +450,10 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   if report.cost_source == "the compiled step" and while_loops and report.loop_scale == 1.0:
     notes.append(f"{while_loops} while loops: the compiler's FLOPs and time count each loop "
                  f"body once (loop_cost='unroll' or 'scale' corrects this)")
-  if report.compiler_seconds is not None:
+  if report.compiler_seconds is not None and roofline:
+    notes.append("the compiler gave no 'optimal_seconds': step time is the roofline max(FLOPs / "
+                 "peak, bytes accessed / HBM bandwidth) of its cost model, MFU an upper bound")
+  elif report.compiler_seconds is not None:
     notes.append("'optimal_seconds' is the compiler's roofline estimate: MFU is an upper bound")
   return dataclasses.replace(report, notes=tuple(notes))
 
@@ -467,14 +471,23 @@ def _compile(jitted, abstract_args, mesh: Mesh, name: str, target: str):
       raise
 
 
-def _cost(compiled) -> tuple[float | None, float | None]:
-  """(FLOPs, 'optimal_seconds') per device from the compiler's cost model, None if absent."""
+def _cost(compiled, peak_flops: float | None, bandwidth: float | None):
+  """(FLOPs, seconds, seconds_is_roofline) per device from the compiler's cost model.
+
+  Seconds is 'optimal_seconds'; where the compiler gives none (v4 in libtpu 0.0.42.1
+  returns -1) it is the roofline max(FLOPs / peak, bytes accessed / HBM bandwidth).
+  """
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):  # older jax returned one dict per program
     cost = cost[0] if cost else {}
   flops, seconds = cost.get("flops"), cost.get("optimal_seconds")
-  return (None if flops is None else float(flops),
-          None if seconds is None or seconds <= 0 else float(seconds))
+  flops = None if flops is None else float(flops)
+  if seconds is not None and seconds > 0:
+    return flops, float(seconds), False
+  accessed = cost.get("bytes accessed")
+  if flops is None or accessed is None or not peak_flops or not bandwidth:
+    return flops, None, False
+  return flops, max(flops / peak_flops, float(accessed) / bandwidth), True
 
 
 # ----------------------------------------------------------------------------- scans
@@ -485,8 +498,8 @@ def _unroll_param(value):
     return jcore.ClosedJaxpr(_unroll_jaxpr(value.jaxpr), value.consts)
   if isinstance(value, jcore.Jaxpr):
     return _unroll_jaxpr(value)
-  if isinstance(value, tuple):
-    return tuple(_unroll_param(v) for v in value)
+  if type(value) in (tuple, list):  # not NamedTuples (e.g. gather dimension numbers)
+    return type(value)(_unroll_param(v) for v in value)
   return value
 
 
