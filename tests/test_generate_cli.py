@@ -1,7 +1,6 @@
 """`python -m vt_jax.generate` end to end: a tiny random model (HF dir) on a synthetic video streams its
 trace, prints the parsed clues, and `--html` writes a page whose thumbnails exist; the streamed text is
 the text batched generation produces for the same question."""
-import dataclasses
 import json
 import os
 import re
@@ -52,9 +51,7 @@ def test_generate_streams_and_writes_html(setup, tmp_path):
   loaded = model_io.load_model(model_dir, param_dtype="float32", dtype="float32")
   item = next(it for it in load_benchmark("synthetic", paths.test_json, paths.root)
               if it.id == str(record["problem_id"]))
-  sampling = dataclasses.replace(loaded.default_sampling(), min_pixels=synthetic.SYNTH_SAMPLING.min_pixels,
-                                 max_pixels=synthetic.SYNTH_SAMPLING.max_pixels)
-  qa = model_io.VideoQA(loaded, sampling=sampling, batch_size=1,
+  qa = model_io.VideoQA(loaded, sampling=loaded.default_sampling(benchmark="synthetic"), batch_size=1,
                         decoding=model_io.decoding_config(loaded, max_new_tokens=MAX_NEW))
   [result] = qa.generate([item])
   # (the subprocess's text-mode stdout turned any "\r" the random model wrote into "\n")

@@ -113,7 +113,8 @@ def test_eval_cli_missing_video_and_resume(setup, tmp_path):
   before = read_jsonl(run_dir / "predictions.jsonl")
   assert sorted(p["id"] for p in before) == sorted(str(r["problem_id"]) for r in records[:3])
 
-  second = run_cli("vt_jax.eval", *args, cache_dir=tmp_path / "jax_cache")
+  # The rerun also adds an 8-frame run: one run dir per frame count, and a comparison of the two.
+  second = run_cli("vt_jax.eval", *args, "--nframes", "16", "8", cache_dir=tmp_path / "jax_cache")
   assert second.returncode == 0, second.stderr[-2000:]
   preds = read_jsonl(run_dir / "predictions.jsonl")
   assert preds[:3] == before                                  # kept, not regenerated
@@ -133,8 +134,13 @@ def test_eval_cli_missing_video_and_resume(setup, tmp_path):
   assert "missing videos: 1" in report and os.path.basename(gone) in report
   for f in ("per_category_accuracy.png", "run.json"):
     assert (run_dir / f).stat().st_size > 0
-  assert "synthetic_16f" in (out / "comparison.md").read_text() and (out / "accuracy_vs_frames.png").exists()
-  assert "items/s" in second.stdout
+  eight = json.load(open(out / "synthetic_8f" / "metrics.json"))
+  assert eight["run"]["nframes"] == 8 and eight["metrics"]["n_evaluated"] == NUM_TEST - 1
+  comparison = (out / "comparison.md").read_text()
+  assert "synthetic_16f" in comparison and "synthetic_8f" in comparison
+  assert (out / "accuracy_vs_frames.png").stat().st_size > 0
+  assert [line.split(":")[0] for line in second.stdout.splitlines() if "items/s" in line] == \
+      ["synthetic 16f", "synthetic 8f"]
 
 
 
@@ -210,6 +216,18 @@ def test_incremental_detokenizer_equals_full_decode(setup):
   # Multi-byte characters come out whole (byte-level BPE splits them over several tokens).
   detok = model_io.IncrementalDetokenizer(tokenizer)
   assert all("\ufffd" not in detok.push(i) for i in tokenizer.encode("↑↓é", add_special_tokens=False))
+
+
+def test_default_sampling(setup):
+  """An HF model has no training config: Video-Thinker's 16 x 128*28*28, except on the synthetic set,
+  whose 112x112 frames the demo trains on as they are."""
+  _, model_dir, _ = setup
+  loaded = model_io.load_model(model_dir, mesh=model_io.make_mesh("1,-1,1"))
+  paper = loaded.default_sampling()
+  assert (paper.nframes, paper.max_pixels) == (16, 128 * 28 * 28)
+  synth = loaded.default_sampling(32, benchmark="synthetic")
+  assert (synth.nframes, synth.min_pixels, synth.max_pixels) == (32, 112 * 112, 112 * 112)
+  assert loaded.default_prompt() == "video_thinker"
 
 
 def test_buckets_and_tokenizer_check(setup):

@@ -31,7 +31,6 @@ import sys
 import time
 from typing import Any, Sequence
 
-from vt_jax.data import synthetic
 from vt_jax.data.video import VideoSampling
 from vt_jax.eval import benchmarks, report as report_lib, runner
 from vt_jax.eval.benchmarks import EvalItem
@@ -107,7 +106,7 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[EvalItem], out_dir: str
   from vt_jax.eval import model_io
   loaded = _as_loaded(model, tokenizer, mesh, model_name, train_config)
   if sampling is None:
-    sampling = loaded.default_sampling(nframes)
+    sampling = loaded.default_sampling(nframes, benchmark or (items[0].benchmark if items else None))
   elif nframes is not None:
     sampling = dataclasses.replace(sampling, nframes=int(nframes))
   prompt = prompt or loaded.default_prompt()
@@ -199,13 +198,9 @@ def resolve_inputs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 
 def sampling_for(loaded, benchmark: str, nframes: int | None, args: argparse.Namespace) -> VideoSampling:
-  """Frame sampling of one run: command-line flags, else the training config's, else the benchmark's
-  own (the synthetic set is drawn at 112x112), else Video-Thinker's."""
-  sampling = loaded.default_sampling(nframes)
-  data = (loaded.train_config or {}).get("data") or {}
-  if benchmark == "synthetic" and not (data.get("min_pixels") or data.get("max_pixels")):
-    sampling = dataclasses.replace(sampling, min_pixels=synthetic.SYNTH_SAMPLING.min_pixels,
-                                   max_pixels=synthetic.SYNTH_SAMPLING.max_pixels)
+  """Frame sampling of one run: the command-line pixel flags over the model's defaults for the benchmark
+  (`LoadedModel.default_sampling`)."""
+  sampling = loaded.default_sampling(nframes, benchmark)
   if args.min_pixels:
     sampling = dataclasses.replace(sampling, min_pixels=args.min_pixels)
   if args.max_pixels:

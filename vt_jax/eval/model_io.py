@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vt_jax.data import packing, prompts as prompts_lib, sequences
+from vt_jax.data import packing, prompts as prompts_lib, sequences, synthetic
 from vt_jax.data.video import VideoError, VideoFrames, VideoSampling, load_video
 from vt_jax.eval.benchmarks import EvalItem
 from vt_jax.eval.runner import GenerationResult, item_sampling
@@ -144,13 +144,17 @@ class LoadedModel:
     root = loc.workdir or os.path.dirname(loc.step_dir)
     return f"{root}@step{loc.step}" if loc.step is not None else loc.step_dir
 
-  def default_sampling(self, nframes: int | None = None) -> VideoSampling:
-    """The frame sampling the model was trained with: the training config's data.nframes /
-    min_pixels / max_pixels when known, else Video-Thinker's (16 frames, at most 128*28*28 pixels)."""
+  def default_sampling(self, nframes: int | None = None, benchmark: str | None = None) -> VideoSampling:
+    """The frame sampling the model was trained with: the training config's data.nframes / min_pixels /
+    max_pixels when known; else the benchmark's own frame size for the synthetic set (drawn at 112x112,
+    which the demo trains on as is); else Video-Thinker's (16 frames, at most 128*28*28 pixels)."""
     v = self.config.vision
     kwargs: dict[str, Any] = dict(temporal_patch_size=v.temporal_patch_size, patch_size=v.patch_size,
                                   merge_size=v.spatial_merge_size)
     data = (self.train_config or {}).get("data") or {}
+    if benchmark is not None and benchmark.startswith("synthetic") and not (data.get("min_pixels") or
+                                                                          data.get("max_pixels")):
+      kwargs.update(min_pixels=synthetic.SYNTH_SAMPLING.min_pixels, max_pixels=synthetic.SYNTH_SAMPLING.max_pixels)
     for field in ("nframes", "min_pixels", "max_pixels"):
       if data.get(field):
         kwargs[field] = int(data[field])
