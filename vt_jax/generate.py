@@ -84,7 +84,6 @@ def describe_trace(text: str, letters: str | None) -> str:
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-  from vt_jax.eval import html as html_lib, model_io  # after argument parsing: --help should not wait for jax
   options = lettered_options(args.options)
   # The video is checked before the model is loaded (minutes for a large one).
   if not os.path.isfile(args.video):
@@ -95,6 +94,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
   except VideoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  from vt_jax.eval import html as html_lib, model_io  # only now: jax takes seconds to import
   try:
     loaded = model_io.load_model(args.model, tokenizer=args.tokenizer, model_config=args.model_config,
                                  mesh=model_io.make_mesh(args.mesh), param_dtype=args.param_dtype, dtype=args.dtype)
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                         seed=args.seed)
   letters = "".join(o[0] for o in options) or None
   item = EvalItem(id=os.path.basename(args.video), benchmark="generate", video_path=args.video,
-                  question=args.question, options=options, answer=(letters or "A")[0], category="generate",
+                  question=args.question, options=options, answer="", category="generate",
                   start=args.start, end=args.end)
   try:
     prepared = qa.prepare(item, keep_frames=bool(args.html))

@@ -182,17 +182,18 @@ def resolve_inputs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
   roots = _per_benchmark(args.video_root, names, "--video_root")
   out = []
   for name, ann, root in zip(names, annotations, roots):
+    base = None
     if ann is None:
       if not args.data_dir:
         raise UsageError(f"{name}: pass --annotation FILE or --data_dir DIR")
-      tried = [os.path.join(base, f) for base in (args.data_dir, os.path.join(args.data_dir, name))
+      tried = [(b, os.path.join(b, f)) for b in (args.data_dir, os.path.join(args.data_dir, name))
                for f in ANNOTATION_FILES.get(name, ())]
-      ann = next((t for t in tried if os.path.isfile(t)), None)
+      base, ann = next(((b, t) for b, t in tried if os.path.isfile(t)), (None, None))
       if ann is None:
-        hint = f"tried {tried}" if tried else "it has no fixed file name"
+        hint = f"tried {[t for _, t in tried]}" if tried else "it has no fixed file name"
         raise UsageError(f"{name}: no annotation found under --data_dir {args.data_dir} ({hint}); pass --annotation")
-    if root is None:
-      root = args.data_dir if args.data_dir and not args.annotation else os.path.dirname(os.path.abspath(ann))
+    if root is None:  # the benchmark's folder: where its annotation was found, or the annotation's folder
+      root = base or os.path.dirname(os.path.abspath(ann))
     out.append((name, ann, root))
   return out
 

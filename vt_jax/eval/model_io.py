@@ -382,7 +382,9 @@ class IncrementalDetokenizer:
     before = self._decode(self.ids[self.start:self.done])
     after = self._decode(self.ids[self.start:])
     self.start = self.done = len(self.ids)
-    return after[len(before):] if after.startswith(before) else ""
+    # A tokenizer whose decoding of earlier tokens depends on later ones cannot take back what was already
+    # printed: emit what follows the part both decodings share.
+    return after[len(os.path.commonprefix([before, after])):]
 
 
 class VideoQA:
