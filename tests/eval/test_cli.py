@@ -194,6 +194,15 @@ def test_orbax_checkpoint_loads_into_the_same_model(setup, tmp_path):
   leaf = jax.tree.leaves(nnx.state(bf16.model, nnx.Param))[0]
   assert leaf.dtype == jnp.bfloat16
 
+  # `python -m vt_jax.convert import` output (config.json + params/) loads too, with a tokenizer named.
+  from vt_jax import convert
+  native = convert.save_native(model, str(tmp_path / "native"))
+  with pytest.raises(model_io.ModelLoadError, match="pass --tokenizer"):
+    model_io.load_model(native, mesh=mesh)
+  converted = model_io.load_model(native, mesh=mesh, tokenizer=paths.tokenizer_dir, param_dtype="float32")
+  assert converted.location.kind == "native"
+  np.testing.assert_array_equal(np.asarray(converted.model.lm_head.kernel[...]), np.asarray(model.lm_head.kernel[...]))
+
   # A step dir without its workdir needs the model named.
   lone = tmp_path / "lone"
   os.rename(workdir / "checkpoints" / "10", lone)

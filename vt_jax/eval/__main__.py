@@ -7,8 +7,9 @@
     python -m vt_jax.eval --model runs/demo/grpo --benchmark synthetic \\
         --annotation DATA/test.json --video_root DATA --out runs/demo/eval
 
---model is an orbax training checkpoint (a `vt_jax.train` workdir, its checkpoints/ dir, or one step dir)
-or a Hugging Face directory (e.g. Qwen2.5-VL-7B-Instruct, Video-Thinker-7B); it is sharded over all devices.
+--model is an orbax training checkpoint (a `vt_jax.train` workdir, its checkpoints/ dir, or one step dir),
+a Hugging Face directory (e.g. Qwen2.5-VL-7B-Instruct, Video-Thinker-7B) or a `vt_jax.convert import`
+directory; it is sharded over all devices.
 Each (benchmark, frame count) is one run directory `OUT/<benchmark>_<n>f/` (predictions.jsonl streamed and
 resumed, metrics.json, report.md beside the paper's numbers, per-category plot); `OUT/comparison.md` and
 `OUT/accuracy_vs_frames.png` compare them (`python -m vt_jax.eval.report` compares any runs).
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m vt_jax.eval", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="Benchmarks: " + ", ".join(sorted(benchmarks.BENCHMARKS)))
-  p.add_argument("--model", required=True, help="orbax workdir / checkpoints dir / step dir, or an HF directory")
+  p.add_argument("--model", required=True,
+                 help="orbax workdir / checkpoints dir / step dir, an HF directory, or a vt_jax.convert directory")
   p.add_argument("--benchmark", required=True, nargs="+", choices=sorted(benchmarks.BENCHMARKS), metavar="NAME",
                  help="one or more benchmarks")
   p.add_argument("--annotation", nargs="+", help="annotation file per benchmark (same order as --benchmark)")

@@ -48,6 +48,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TRAIN_CONFIG = "config.json"       # what vt_jax.train writes into its workdir
 CHECKPOINTS = "checkpoints"        # <workdir>/checkpoints/<step>/state/...
 STATE_ITEM = "state"
+NATIVE_PARAMS = "params"           # `python -m vt_jax.convert import` output: config.json + params/ (orbax)
 
 
 class ModelLoadError(ValueError):
@@ -61,8 +62,9 @@ class ModelLoadError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointLocation:
-  """kind "hf": `path` is a Hugging Face directory. kind "orbax": `step_dir` is `<...>/<step>/` holding
-  `state/`, and `workdir` the training run's directory (with its `config.json`) when it can be found.
+  """kind "hf": `path` is a Hugging Face directory. kind "native": a `vt_jax.convert import` directory (hub
+  config.json + orbax `params/`). kind "orbax": `step_dir` is `<...>/<step>/` holding `state/`, and
+  `workdir` the training run's directory (with its `config.json`) when it can be found.
   kind "memory": a model handed over in Python (`path` is just its name)."""
   kind: str
   path: str
@@ -95,6 +97,8 @@ def locate_checkpoint(path: str | os.PathLike) -> CheckpointLocation:
     raise ModelLoadError(f"--model {path}: no such directory")
   if _is_hf_dir(path):
     return CheckpointLocation("hf", path)
+  if os.path.isdir(os.path.join(path, NATIVE_PARAMS)) and os.path.isfile(os.path.join(path, config_lib.CONFIG_NAME)):
+    return CheckpointLocation("native", path)
   if os.path.isdir(os.path.join(path, STATE_ITEM)):
     step_dir = path
   else:
@@ -139,7 +143,7 @@ class LoadedModel:
   @property
   def name(self) -> str:
     loc = self.location
-    if loc.kind in ("hf", "memory"):
+    if loc.kind in ("hf", "native", "memory"):
       return loc.path
     root = loc.workdir or os.path.dirname(loc.step_dir)
     return f"{root}@step{loc.step}" if loc.step is not None else loc.step_dir
@@ -274,8 +278,9 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
                param_dtype: str = "bfloat16", dtype: str = "bfloat16", attention: str = "xla") -> LoadedModel:
   """Loads a model + tokenizer for generation, params sharded over `mesh` (default: all devices).
 
-  path: a Hugging Face directory (config.json + safetensors + tokenizer files), or an orbax training
-    checkpoint: a `vt_jax.train` workdir, its `checkpoints/` dir (newest step) or one `<step>/` dir.
+  path: a Hugging Face directory (config.json + safetensors + tokenizer files), a `vt_jax.convert import`
+    directory (config.json + params/), or an orbax training checkpoint: a `vt_jax.train` workdir, its
+    `checkpoints/` dir (newest step) or one `<step>/` dir.
   tokenizer: a directory or a loaded tokenizer; default: the HF directory itself, or the training
     config's data.tokenizer_dir / model.hf_dir.
   model_config: a preset name, an HF directory / config.json, or a ModelConfig; needed only for an orbax
@@ -296,6 +301,18 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
     model = hf_io.from_pretrained(loc.path, mesh=mesh, param_dtype=DTYPES[param_dtype], dtype=DTYPES[dtype],
                                   attention=attention, config=config)
     tokenizer_src = tokenizer if tokenizer is not None else loc.path
+  elif loc.kind == "native":
+    from vt_jax import convert  # local import: orbax is only needed here
+    if model_config is not None:
+      raise ModelLoadError(f"--model {loc.path}: a converted checkpoint carries its config.json; drop --model_config")
+    model = convert.load_native(loc.path, mesh=mesh, param_dtype=DTYPES[param_dtype], dtype=DTYPES[dtype],
+                                attention=attention)
+    config = model.config
+    tokenizer_src = tokenizer if tokenizer is not None else loc.path
+    if tokenizer is None and not os.path.isfile(os.path.join(loc.path, "tokenizer.json")) and \
+        not os.path.isfile(os.path.join(loc.path, "tokenizer_config.json")):
+      raise ModelLoadError(f"--model {loc.path}: a converted checkpoint has no tokenizer files; pass --tokenizer "
+                           "DIR (e.g. the Hugging Face directory it was imported from)")
   else:
     from vt_jax.train import checkpoint as ckpt_lib  # local import: orbax is only needed here
     if loc.workdir is not None:
