@@ -60,3 +60,132 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+# ---- vision full attention, blockwise over temporal groups ---------------------------------------------------
+
+def group_window_plan(group_ids: jax.Array, *, window_patches: int, max_group_windows: int):
+  """Which key windows each query window of a window-ordered vision buffer needs for group attention.
+
+  The vision layout keeps every temporal group's windows contiguous and pads each window to
+  `window_patches` (wp), so a query window only needs the `max_group_windows` (G) windows starting at the
+  first window of its group. Computed once per buffer (cheap integer ops on `[B, P/wp]`).
+
+  Args:
+    group_ids: `[B, P]` int temporal-group id per patch (0 = padding), P a multiple of wp.
+
+  Returns:
+    key_windows: `[B, P/wp, G]` int32 window index of the j-th key window of each query window, -1 past the
+      end of the buffer.
+    fits: `[]` bool, True when every group spans at most G windows, occupies one contiguous run of
+      windows, and every window holds patches of one group only (plus padding). When False the blockwise
+      result would miss keys, so callers must use the dense path (`group_attention` does).
+  """
+  b, p = group_ids.shape
+  n = p // window_patches
+  per_window = group_ids.reshape(b, n, window_patches)
+  window_group = per_window.max(axis=-1)  # [B, n]; padding patches (0) never raise it
+  one_group = jnp.all((per_window == 0) | (per_window == window_group[..., None]))
+  index = jnp.arange(n, dtype=jnp.int32)
+  previous = jnp.pad(window_group[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  is_start = window_group != previous
+  start = jax.lax.cummax(jnp.where(is_start, index, 0), axis=1)  # first window of each window's run
+  # A group id must not come back after another group (its windows would be in two runs).
+  seen_before = jnp.pad(jax.lax.cummax(window_group, axis=1)[:, :-1], ((0, 0), (1, 0)))
+  contiguous = jnp.all(~is_start | (window_group == 0) | (window_group > seen_before))
+  short = jnp.all((window_group == 0) | (index - start < max_group_windows))
+  key_windows = start[:, :, None] + jnp.arange(max_group_windows, dtype=jnp.int32)
+  key_windows = jnp.where(key_windows < n, key_windows, -1)
+  return key_windows.astype(jnp.int32), one_group & contiguous & short
+
+
+def blockwise_group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Array,
+                              key_windows: jax.Array, *, window_patches: int) -> jax.Array:
+  """Attention within temporal groups, each query window against its G key windows (no `[P, P]` scores).
+
+  Cost per row: `P * G * wp` scores instead of `P * P`; linear in P for a fixed frame size. Exact (up to
+  summation order) when `group_window_plan(...).fits`; padding patches (id 0) then attend other padding
+  of their windows, as in the dense path, and their outputs are not used downstream.
+
+  Args:
+    q, k, v: `[B, P, H, D]` window-ordered. group_ids: `[B, P]`. key_windows: `[B, P/wp, G]` from
+      `group_window_plan` (-1 = no window).
+
+  Returns:
+    `[B, P, H, D]` in q's dtype.
+  """
+  b, p, h, d = q.shape
+  wp = window_patches
+  n, g = key_windows.shape[1], key_windows.shape[2]
+  blocks = lambda t: t.reshape(b, n, wp, *t.shape[2:])
+  safe = jnp.maximum(key_windows, 0)
+  # One gather per row: [n, wp, ...] -> [n, G, wp, ...]; the backward pass is the matching scatter-add.
+  gather = jax.vmap(lambda t, idx: t[idx])
+  k_groups = gather(blocks(k), safe).reshape(b * n, g * wp, h, d)
+  v_groups = gather(blocks(v), safe).reshape(b * n, g * wp, h, d)
+  kv_ids = jnp.where((key_windows >= 0)[..., None], gather(blocks(group_ids), safe), -1)  # -1 matches nothing
+  out = attention(q.reshape(b * n, wp, h, d), k_groups, v_groups, group_ids.reshape(b * n, wp),
+                  kv_ids.reshape(b * n, g * wp), causal=False, impl="xla")
+  return out.reshape(b, p, h, d)
+
+
+def dense_group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Array, *,
+                          query_chunk: int) -> jax.Array:
+  """Group-masked attention over the whole buffer, `query_chunk` queries at a time, each chunk
+  rematerialised in the backward pass: `P * P` scores in all, but only `[query_chunk, P]` live at once and
+  no residuals beyond q, k, v. The exact fallback of `group_attention`, sized not to dominate its memory.
+
+  Args:
+    q, k, v: `[B, P, H, D]`; group_ids: `[B, P]`; query_chunk: queries per chunk (q is padded to a multiple).
+
+  Returns:
+    `[B, P, H, D]`.
+  """
+  b, p, h, d = q.shape
+  chunks = -(-p // query_chunk)
+  pad = chunks * query_chunk - p
+
+  def to_chunks(t, fill):
+    t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(t.reshape(b, chunks, query_chunk, *t.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one(args):
+    q_chunk, id_chunk = args
+    return attention(q_chunk, k, v, id_chunk, group_ids, causal=False, impl="xla")
+
+  # Padded queries get id -1: they match no key (uniform softmax, finite) and are cut off below.
+  out = jax.lax.map(one, (to_chunks(q, 0), to_chunks(group_ids, -1)))  # [chunks, B, query_chunk, H, D]
+  return jnp.moveaxis(out, 0, 1).reshape(b, chunks * query_chunk, h, d)[:, :p]
+
+
+def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Array, *, window_patches: int,
+                    max_group_windows: int | None, plan=None) -> jax.Array:
+  """Attention within temporal groups of a window-ordered vision buffer (the full-attention layers).
+
+  With `max_group_windows` (G) set and fewer than P/wp, runs `blockwise_group_attention` when the buffer's
+  groups fit (`group_window_plan`), else `dense_group_attention` (query-chunked, rematerialised), chosen on
+  device by `lax.cond` so a batch with a larger image still gets the exact result. The fallback is built
+  to add little memory: `lax.cond` keeps the residuals of both branches for the backward pass, and a plain
+  dense branch would add its `[P, P]` probabilities to every step. With G None (or >= P/wp) it is plain
+  dense: `[P, P]` scores masked by group id.
+
+  Args:
+    q, k, v: `[B, P, H, D]`; group_ids: `[B, P]` (0 = padding).
+    plan: `group_window_plan(group_ids, ...)` when the caller computed it once for several layers.
+
+  Returns:
+    `[B, P, H, D]`.
+  """
+  n = q.shape[1] // window_patches
+  if max_group_windows is None or max_group_windows >= n:
+    return attention(q, k, v, group_ids, group_ids, causal=False, impl="xla")
+  if plan is None:
+    plan = group_window_plan(group_ids, window_patches=window_patches, max_group_windows=max_group_windows)
+  key_windows, fits = plan
+  blockwise = lambda q, k, v: blockwise_group_attention(q, k, v, group_ids, key_windows,
+                                                        window_patches=window_patches)
+  # Query chunks of G windows: the fallback's live scores stay the size of the blockwise path's.
+  dense = lambda q, k, v: dense_group_attention(q, k, v, group_ids,
+                                                query_chunk=max_group_windows * window_patches)
+  return jax.lax.cond(fits, blockwise, dense, q, k, v)

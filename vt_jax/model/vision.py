@@ -6,7 +6,11 @@ temporal-group id (0 = padding). Then:
   patch embed (a matmul: the Conv3d with kernel == stride), 2D rotary from (row, col),
   blocks: x + attn(norm1(x)); x + mlp(norm2(x)), where attention is
     - window layers: within fixed blocks of `window_patches` (`[B * P/wp, wp]`, cost linear in windows),
-    - full layers (`fullatt_block_indexes`): within a temporal group (mask on group ids over the row),
+    - full layers (`fullatt_block_indexes`): within a temporal group. Blockwise by default: each query
+      window attends the `max_group_windows` (G) windows from the start of its group (`[P/wp, wp, G*wp]`
+      scores, linear in P for a fixed frame size); dense `[P, P]` with a group-id mask when G is None, when
+      the buffer has at most G windows, or -- decided on device per batch -- when some group is longer
+      than G windows (e.g. a large image), so the result is always exact,
   merger: RMSNorm, 4 neighbouring patches -> one vector, Linear -> GELU -> Linear to the text width.
 Padding never serves as a key for real patches (ids 0 only match padding), so several images/videos per
 row, frames that are not window multiples and bucket padding all give Qwen's exact result. The output
@@ -21,10 +25,38 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vt_jax.model.attention import attention
+import math
+
+from vt_jax.model.attention import attention, group_attention, group_window_plan
 from vt_jax.model.config import VisionConfig
 from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, constrain, scan_layers, stack_layers,
                                  vision_cos_sin)
+
+
+# Video-Thinker's per-frame pixel budget (data.video.VIDEO_THINKER_MAX_PIXELS, the released configs).
+VIDEO_THINKER_MAX_PIXELS = 128 * 28 * 28
+
+
+def max_windows_per_group(cfg: VisionConfig, max_pixels: int = VIDEO_THINKER_MAX_PIXELS, *,
+                          max_aspect_ratio: float = 4.0) -> int:
+  """Most attention windows one temporal group (a frame pair) can have: over every merged grid
+  (gh, gw) of at most `max_pixels` pixels with aspect ratio <= `max_aspect_ratio`, the largest
+  ceil(gh / side) * ceil(gw / side), side = merged tokens per window edge.
+
+  12 for the released models at 128*28*28 (e.g. a 9 x 13 merged grid: 3 x 4 windows); 16:9, 4:3, 1:1,
+  portrait and 21:9 videos all fit. Stranger frames (strips, big images) are still exact through the
+  dense fallback of `group_attention`, at dense cost for that batch.
+  """
+  unit = cfg.patch_size * cfg.spatial_merge_size
+  side = cfg.window_size // unit
+  tokens = max(int(max_pixels) // (unit * unit), 1)
+  best = 1
+  for gh in range(1, tokens + 1):
+    # The widest grid with this height: more columns never mean fewer windows.
+    gw = min(tokens // gh, int(max_aspect_ratio * gh))
+    if gw >= 1 and gh <= max_aspect_ratio * gw:
+      best = max(best, math.ceil(gh / side) * math.ceil(gw / side))
+  return best
 
 
 class VisionBlock(nnx.Module):
@@ -49,8 +81,10 @@ class VisionBlock(nnx.Module):
     self.up_proj = Linear(d, f, axes=("embed", "mlp"), bias=True, **kw)
     self.down_proj = Linear(f, d, axes=("mlp", "embed"), bias=True, **kw)
 
-  def __call__(self, x, cos, sin, window_ids, group_ids, is_full, rules=None):
-    """x `[B, P, D]`; cos/sin `[B, P, head_dim]`; window_ids/group_ids `[B, P]`; is_full: traced bool."""
+  def __call__(self, x, cos, sin, window_ids, group_ids, is_full, rules=None, *, max_group_windows=None,
+               plan=None):
+    """x `[B, P, D]`; cos/sin `[B, P, head_dim]`; window_ids/group_ids `[B, P]`; is_full: traced bool;
+    max_group_windows / plan: see `attention.group_attention`."""
     b, p, _ = x.shape
     qkv = self.qkv(self.norm1(x))  # [B, P, 3, D]
     qkv = qkv.reshape(b, p, 3, self.num_heads, self.head_dim)
@@ -60,7 +94,8 @@ class VisionBlock(nnx.Module):
     q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"), rules)
 
     def full(q, k, v):
-      return attention(q, k, v, group_ids, group_ids, causal=False, impl="xla")
+      return group_attention(q, k, v, group_ids, window_patches=self.window_patches,
+                             max_group_windows=max_group_windows, plan=plan)
 
     def windowed(q, k, v):
       wp = self.window_patches
@@ -97,7 +132,15 @@ class VisionTower(nnx.Module):
   """Patches `[B, P, patch_dim]` (window order) -> merged tokens `[B, P/4, out_hidden_size]` (window order)."""
 
   def __init__(self, cfg: VisionConfig, *, rngs, param_dtype=jnp.float32, dtype=jnp.float32, remat="none",
-               attention_impl="xla", rules=None):
+               attention_impl="xla", rules=None, max_group_windows: int | None | str = "auto"):
+    """max_group_windows: G for the blockwise full-attention layers (`attention.group_attention`): an int,
+    None (always dense), or "auto" = `max_windows_per_group(cfg)` (the released 128*28*28 frame budget).
+    A static setting; it can be changed on a built model (`model.visual.max_group_windows = ...`)."""
+    if max_group_windows == "auto":
+      max_group_windows = max_windows_per_group(cfg)
+    if max_group_windows is not None and (isinstance(max_group_windows, bool) or int(max_group_windows) < 1):
+      raise ValueError(f"max_group_windows={max_group_windows!r}: a positive int, None (dense) or 'auto'")
+    self.max_group_windows = None if max_group_windows is None else int(max_group_windows)
     self.cfg = cfg
     self.remat = remat
     self.rules = rules
@@ -122,8 +165,16 @@ class VisionTower(nnx.Module):
     x = constrain(x, ("act_batch", "act_length", "act_embed"), self.rules)
     cos, sin = vision_cos_sin(pos_hw, self.cfg.head_dim, self.cfg.rope_theta)
 
+    g = self.max_group_windows
+    n_windows = p // self.cfg.window_patches
+    if g is not None and g >= n_windows:
+      g = None  # the blockwise path would score at least as many pairs as the dense one
+    # Which key windows each query window needs: computed once for all full-attention layers.
+    plan = (group_window_plan(group_ids, window_patches=self.cfg.window_patches, max_group_windows=g)
+            if g is not None else None)
+
     def body(block, x, is_full):
-      return block(x, cos, sin, window_ids, group_ids, is_full, self.rules), None
+      return block(x, cos, sin, window_ids, group_ids, is_full, self.rules, max_group_windows=g, plan=plan), None
 
     # Which blocks attend over whole temporal groups: a scanned input, so one compiled body serves all.
     is_full = jnp.asarray(np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes))

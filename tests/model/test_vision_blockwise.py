@@ -1,0 +1,198 @@
+"""Blockwise vision full attention (attention.group_attention) equals the dense group-masked path, and the
+vision tower using it equals transformers' vision tower (tiny random model, fp32, CPU)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import importlib
+from vt_jax.model import config as C
+from vt_jax.model import hf_io
+from vt_jax.model import vision_layout as VL
+from vt_jax.model.vision import max_windows_per_group
+
+from tests.model.hf_tiny import TINY, make_hf_model, pixels
+
+A = importlib.import_module("vt_jax.model.attention")  # the package re-exports the function under this name
+
+WS = TINY.vision.window_size  # 56 px: windows of 2 x 2 merged tokens = 16 patches
+WP = TINY.vision.window_patches
+
+
+def _layout(grids, extra_windows=0):
+  lay = VL.build_vision_layout(grids, window_size=WS)
+  return VL.build_vision_layout(grids, window_size=WS, capacity=lay.capacity + extra_windows * WP)
+
+
+def _qkv(p, rng, heads=2, dim=8, kv_scale=1.0):
+  shape = (1, p, heads, dim)
+  return [jnp.asarray(rng.standard_normal(shape).astype(np.float32) * kv_scale) for _ in range(3)]
+
+
+def _dense(q, k, v, gid):
+  return A.attention(q, k, v, gid, gid, causal=False, impl="xla")
+
+
+def test_plan_of_a_known_layout():
+  # Video (grid t=4: 4 groups x 4 windows, merged 4 x 4), image (1 group x 2 windows, merged 2 x 3), 2 padding
+  # windows.
+  lay = _layout([(4, 8, 8), (1, 4, 6)], extra_windows=2)
+  gid = jnp.asarray(lay.group_ids)[None]
+  key_windows, fits = A.group_window_plan(gid, window_patches=WP, max_group_windows=4)
+  starts = [0] * 4 + [4] * 4 + [8] * 4 + [12] * 4 + [16, 16, 18, 18]
+  expect = np.array([[s + j if s + j < 20 else -1 for j in range(4)] for s in starts])
+  np.testing.assert_array_equal(np.asarray(key_windows[0]), expect)
+  assert bool(fits)
+  assert not bool(A.group_window_plan(gid, window_patches=WP, max_group_windows=3)[1])  # a group has 4
+
+
+def test_plan_rejects_groups_that_break_the_layout():
+  gid = np.repeat(np.array([1, 1, 2, 1, 0]), WP)[None]  # group 1 comes back after group 2
+  assert not bool(A.group_window_plan(jnp.asarray(gid), window_patches=WP, max_group_windows=4)[1])
+  gid = np.repeat(np.array([1, 2, 2, 0]), WP)[None]
+  gid[0, WP + 3] = 1  # one window holding patches of two groups
+  assert not bool(A.group_window_plan(jnp.asarray(gid), window_patches=WP, max_group_windows=4)[1])
+  gid = np.repeat(np.array([1, 1, 2, 0, 0, 0, 0, 0]), WP)[None]  # a long run of padding windows is fine
+  assert bool(A.group_window_plan(jnp.asarray(gid), window_patches=WP, max_group_windows=2)[1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blockwise_equals_dense_on_random_layouts(seed):
+  rng = np.random.default_rng(seed)
+  grids = [(int(rng.integers(1, 4)) * 2 if rng.random() < 0.7 else 1, 2 * int(rng.integers(1, 6)),
+            2 * int(rng.integers(1, 6))) for _ in range(int(rng.integers(1, 4)))]
+  lay = _layout(grids, extra_windows=int(rng.integers(0, 3)))
+  gid = jnp.asarray(lay.group_ids)[None]
+  windows_per_group = max(len(np.unique(lay.window_ids[lay.group_ids == g])) for g in np.unique(gid) if g)
+  g = windows_per_group + int(rng.integers(0, 2))
+  q, k, v = _qkv(lay.capacity, rng)
+  key_windows, fits = A.group_window_plan(gid, window_patches=WP, max_group_windows=g)
+  assert bool(fits)
+  block = A.blockwise_group_attention(q, k, v, gid, key_windows, window_patches=WP)
+  real = lay.group_ids > 0
+  diff = float(jnp.abs(block - _dense(q, k, v, gid))[0][real].max())
+  assert diff < 1e-5, (grids, g, diff)
+  assert np.isfinite(np.asarray(block)).all()
+
+
+def test_group_attention_falls_back_to_dense_when_a_group_is_too_long():
+  rng = np.random.default_rng(1)
+  lay = _layout([(2, 4, 4), (1, 8, 8), (2, 4, 4)])  # the image has 4 windows, the videos 1 each
+  gid = jnp.asarray(lay.group_ids)[None]
+  q, k, v = _qkv(lay.capacity, rng)
+  dense = _dense(q, k, v, gid)
+  for g, blockwise in ((2, False), (4, True)):
+    assert bool(A.group_window_plan(gid, window_patches=WP, max_group_windows=g)[1]) == blockwise
+    fn = lambda q, k, v, g=g: A.group_attention(q, k, v, gid, window_patches=WP, max_group_windows=g)
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, k, v)), np.asarray(dense), atol=1e-5)  # no padding
+    grads = [jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+             for f in (fn, lambda q, k, v: _dense(q, k, v, gid))]
+    for a, b in zip(*grads):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_chunked_dense_equals_dense_with_gradients():
+  rng = np.random.default_rng(4)
+  lay = _layout([(3, 4, 8), (1, 6, 6)], extra_windows=1)  # 10 windows: chunks of 3 windows need padding
+  gid = jnp.asarray(lay.group_ids)[None]
+  q, k, v = _qkv(lay.capacity, rng)
+  w = jnp.asarray(rng.standard_normal(q.shape).astype(np.float32))
+  chunked = lambda q, k, v: A.dense_group_attention(q, k, v, gid, query_chunk=3 * WP)
+  np.testing.assert_allclose(np.asarray(chunked(q, k, v)), np.asarray(_dense(q, k, v, gid)), atol=1e-6)
+  grads = [jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+           for f in (chunked, lambda q, k, v: _dense(q, k, v, gid))]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_blockwise_gradients_equal_dense():
+  rng = np.random.default_rng(2)
+  lay = _layout([(4, 4, 8), (1, 6, 6)], extra_windows=1)
+  gid = jnp.asarray(lay.group_ids)[None]
+  real = jnp.asarray(lay.group_ids > 0)[None, :, None, None]
+  q, k, v = _qkv(lay.capacity, rng)
+  w = jnp.asarray(rng.standard_normal(q.shape).astype(np.float32))
+  plan = A.group_window_plan(gid, window_patches=WP, max_group_windows=4)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v) * w, 0.0))
+
+  blockwise = jax.grad(loss(lambda q, k, v: A.blockwise_group_attention(q, k, v, gid, plan[0], window_patches=WP)),
+                       argnums=(0, 1, 2))(q, k, v)
+  dense = jax.grad(loss(lambda q, k, v: _dense(q, k, v, gid)), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(blockwise, dense):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _attention_flops(fn, p, rng):
+  q, k, v = _qkv(p, rng)
+  return jax.jit(fn).lower(q, k, v).compile().cost_analysis()["flops"]
+
+
+def test_blockwise_cost_is_linear_in_frames():
+  rng = np.random.default_rng(3)
+  flops = {}
+  for frames in (8, 16, 32):
+    lay = _layout([(frames, 8, 8)])  # 4 windows per temporal group
+    gid = jnp.asarray(lay.group_ids)[None]
+    key_windows, _ = A.group_window_plan(gid, window_patches=WP, max_group_windows=4)
+    flops[frames] = (
+        _attention_flops(lambda q, k, v: A.blockwise_group_attention(q, k, v, gid, key_windows, window_patches=WP),
+                         lay.capacity, rng),
+        _attention_flops(lambda q, k, v: _dense(q, k, v, gid), lay.capacity, rng))
+  for a, b in ((8, 16), (16, 32)):
+    assert flops[b][0] / flops[a][0] == pytest.approx(2.0, rel=0.1), flops  # linear
+    assert flops[b][1] / flops[a][1] == pytest.approx(4.0, rel=0.1), flops  # dense: quadratic
+  assert flops[32][0] < flops[32][1] / 3
+
+
+def test_max_windows_per_group():
+  assert max_windows_per_group(C.PRESETS["7b"].vision) == 12  # 9 x 13 merged tokens -> 3 x 4 windows
+  assert max_windows_per_group(C.PRESETS["7b"].vision, 28 * 28 * 4, max_aspect_ratio=200) == 1
+  assert max_windows_per_group(C.PRESETS["7b"].vision, 128 * 28 * 28, max_aspect_ratio=200) == 32  # 1 x 125
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf_tiny_blockwise")
+  return make_hf_model(path), hf_io.from_pretrained(path, dtype=jnp.float32)
+
+
+GRIDS = [(4, 8, 8), (2, 6, 8), (1, 4, 4)]  # groups of 4, 4 (partial windows) and 1 windows: 25 windows
+
+
+@pytest.mark.parametrize("max_group_windows,fits", [(4, True), (2, False)])  # G=2: dense fallback
+def test_vision_tower_equals_transformers(models, max_group_windows, fits):
+  grids = GRIDS
+  hf, ours = models
+  rng = np.random.default_rng(max_group_windows)
+  px = pixels(grids, rng)
+  with torch.no_grad():
+    theirs = hf.model.visual(torch.as_tensor(px), grid_thw=torch.tensor(grids)).pooler_output.numpy()
+  lay = _layout(grids, extra_windows=3)
+  plan = A.group_window_plan(jnp.asarray(lay.group_ids)[None], window_patches=WP, max_group_windows=max_group_windows)
+  assert bool(plan[1]) == fits
+  inputs = (jnp.asarray(VL.gather_patches(px, lay))[None], jnp.asarray(lay.pos_hw)[None],
+            jnp.asarray(lay.window_ids)[None], jnp.asarray(lay.group_ids)[None])
+  saved = ours.visual.max_group_windows
+  try:
+    ours.visual.max_group_windows = max_group_windows
+    out = np.asarray(ours.encode_vision(*inputs)[0])
+    ours.visual.max_group_windows = None
+    dense = np.asarray(ours.encode_vision(*inputs)[0])
+  finally:
+    ours.visual.max_group_windows = saved
+  index = np.concatenate(lay.merged_index)
+  diff_hf = float(np.abs(out[index] - theirs).max())
+  diff_dense = float(np.abs(out[index] - dense[index]).max())
+  print(f"\n[G={max_group_windows}, blockwise={fits}] vs transformers {diff_hf:.3g}, vs dense {diff_dense:.3g}")
+  assert diff_hf <= 1e-4 and diff_dense <= 1e-5
+  assert np.isfinite(out).all()
+
+
+def test_max_group_windows_is_checked():
+  with pytest.raises(ValueError, match="max_group_windows=0"):
+    from flax import nnx
+    from vt_jax.model.vision import VisionTower
+    VisionTower(TINY.vision, rngs=nnx.Rngs(0), max_group_windows=0)
