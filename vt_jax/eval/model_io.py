@@ -305,14 +305,14 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
     from vt_jax import convert  # local import: orbax is only needed here
     if model_config is not None:
       raise ModelLoadError(f"--model {loc.path}: a converted checkpoint carries its config.json; drop --model_config")
-    model = convert.load_native(loc.path, mesh=mesh, param_dtype=DTYPES[param_dtype], dtype=DTYPES[dtype],
-                                attention=attention)
-    config = model.config
-    tokenizer_src = tokenizer if tokenizer is not None else loc.path
     if tokenizer is None and not os.path.isfile(os.path.join(loc.path, "tokenizer.json")) and \
         not os.path.isfile(os.path.join(loc.path, "tokenizer_config.json")):
       raise ModelLoadError(f"--model {loc.path}: a converted checkpoint has no tokenizer files; pass --tokenizer "
                            "DIR (e.g. the Hugging Face directory it was imported from)")
+    model = convert.load_native(loc.path, mesh=mesh, param_dtype=DTYPES[param_dtype], dtype=DTYPES[dtype],
+                                attention=attention)
+    config = model.config
+    tokenizer_src = tokenizer if tokenizer is not None else loc.path
   else:
     from vt_jax.train import checkpoint as ckpt_lib  # local import: orbax is only needed here
     if loc.workdir is not None:
@@ -411,8 +411,8 @@ class VideoQA:
   prompt: a prompt template name ("video_thinker", "video_r1", "plain") or a PromptTemplate.
   decoding: a `vt_jax.train.sampler.SamplingConfig` (default: the paper's evaluation decoding).
   batch_size: prompts per generation call (a static shape of the compiled sampler).
-  seed: the sampling key of a batch is derived from it and the batch's first item id, so a resumed run
-    draws the same tokens for the same items.
+  seed: the sampling key of a batch is derived from it and the batch's first item id (row r of a batch
+    then uses fold_in(key, r)); with the paper's near-greedy decoding the key hardly ever matters.
   load_workers: threads decoding videos of one batch in parallel (OpenCV releases the GIL).
   A smaller last batch is filled with empty rows, which the sampler skips.
   """
