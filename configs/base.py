@@ -57,6 +57,7 @@ def base_config() -> config_dict.ConfigDict:
   c.train.logprob_chunk = 1024    # tokens per LM-head chunk in the loss (no fp32 [B, L, V] at once)
   c.train.max_nonfinite_streak = 5
   c.train.handle_signals = True   # SIGTERM/SIGINT: save and exit at the next step boundary
+  c.train.max_steps_per_run = 0   # >0: save and exit after this many steps (time-boxed jobs); rerun resumes
 
   c.optim = config_dict.ConfigDict()
   c.optim.lr = 1e-5

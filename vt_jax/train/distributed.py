@@ -159,6 +159,10 @@ class DataShard:
 
 def process_batch_shard(mesh: Mesh, global_batch: int) -> DataShard:
   """This process's slice of the global batch on `mesh` (for the input pipeline's sharding)."""
+  par = batch_parallelism(mesh)
+  if global_batch % par:
+    raise MeshConfigError(
+        f"global batch {global_batch} is not divisible by data x fsdp = {par} (mesh {dict(mesh.shape)})")
   rows = _rows_of_process(NamedSharding(mesh, P(BATCH_AXES)), global_batch)
   n = len(rows)
   if global_batch % max(n, 1) or rows != list(range(rows[0], rows[0] + n)) or rows[0] % n:

@@ -292,7 +292,8 @@ class PreemptionWatch:
 
 @dataclasses.dataclass
 class TrainResult:
-  status: str            # "completed" (all steps, or the end of the data) | "preempted"
+  status: str            # "completed" (all steps, or the end of the data) | "preempted" (a signal) |
+                         # "paused" (train.max_steps_per_run reached)
   step: int
   state: TrainState
   graphdef: Any
@@ -467,9 +468,13 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
       if on_step is not None:
         on_step(step, m)
 
+    per_run = int(cfg.train.get("max_steps_per_run", 0) or 0)
     for step in range(start_step + 1, total_steps + 1):
       if watch.requested():
         status = "preempted"
+        break
+      if per_run and step > start_step + per_run:
+        status = "paused"
         break
       try:
         local = task.next_batch(data, state)
@@ -488,14 +493,20 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
       if pending is not None:
         consume(pending)  # the previous step's metrics: fetched while this step runs
       pending = (step, dev_metrics, host_metrics, step_flops)
-      checkpointer.save(step, state.as_dict(), data)
+      if checkpointer.should_save(step):
+        # A state in the middle of a non-finite streak holds good params, but its data position has moved
+        # past the bad batches: keep the checkpoint before the streak as the one to go back to.
+        if int(jax.device_get(state.nonfinite_streak)) == 0:
+          checkpointer.save(step, state.as_dict(), data)
+        else:
+          logging.warning("step %d: not saving a checkpoint during a run of non-finite steps", step)
     if pending is not None:
       consume(pending)
     final_step = int(jax.device_get(state.step))
     checkpointer.save(final_step, state.as_dict(), data, force=True)
     checkpointer.wait()
-    if status == "preempted":
-      logging.warning("preempted: saved step %d to %s; rerun the same command to resume", final_step,
+    if status != "completed":
+      logging.warning("%s: saved step %d to %s; rerun the same command to resume", status, final_step,
                       checkpointer.directory)
 
     result = TrainResult(status=status, step=final_step, state=state, graphdef=graphdef, last_metrics=last)
