@@ -183,6 +183,12 @@ def test_scanned_layers_are_costed_at_their_trip_count():
   assert scaled.loop_scale == pytest.approx(layers, rel=0.1)
   assert 0.5 < scaled.step_seconds / flat.step_seconds < 2.0
   assert "loop trips" in dr.format_report(scaled)
+  # 'auto' unrolls a step that compiles fast, and scales one that compiles slowly.
+  assert dr.dry_run(scanned_layers, layer_args, topology="v5p:2x2x1",
+                    flops_split=split).cost_source.startswith("the step with scans unrolled")
+  slow = dr.dry_run(scanned_layers, layer_args, topology="v5p:2x2x1", flops_split=split,
+                    unroll_limit_s=0.0)
+  assert slow.cost_source == "the compiled step" and slow.loop_scale == scaled.loop_scale
 
 
 def test_impossible_config_fails_cleanly_in_the_compiler():

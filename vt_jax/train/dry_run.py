@@ -17,9 +17,11 @@ Caveats the table states when they apply:
   `kernel_flops_keys` (default: 'attention' when the program holds Mosaic kernels) are
   added to the step time at `kernel_efficiency` x peak.
 - XLA's cost model counts the body of a while loop ONCE, and scanned layers are while
-  loops: for a 28-layer scanned decoder it sees about 1/28 of the work. By default
-  (loop_cost='unroll') a second compile of the step with every scan unrolled gives the
-  FLOPs and time; memory always comes from the real, looped step.
+  loops: for a 28-layer scanned decoder it sees about 1/28 of the work. The dry run
+  compiles the step again with every scan unrolled, for the cost only, when the step
+  compiled within `unroll_limit_s`; past that (a 7B step) it scales the compiler's time
+  by analytic / counted FLOPs, a rough figure (`loop_cost`). Memory always comes from the
+  real, looped step.
 - 'optimal_seconds' is a roofline-style estimate, so the MFU it implies is an upper bound.
 """
 from __future__ import annotations
@@ -333,7 +335,8 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
             hbm_fraction: float = 0.85, name: str | None = None,
             donate_argnums: int | Sequence[int] = (),
             kernel_flops_keys: Sequence[str] | None = None, kernel_efficiency: float = 1.0,
-            peak_flops_per_device: float | None = None, loop_cost: str = "unroll",
+            peak_flops_per_device: float | None = None, loop_cost: str = "auto",
+            unroll_limit_s: float = 60.0,
             check_fit: bool = True) -> DryRunReport:
   """Lowers and compiles `step_fn(*args)` for a topology and reports memory, FLOPs, time.
 
@@ -349,14 +352,17 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   kernel_flops_keys: flops_split entries computed inside Pallas kernels (invisible to the
     cost model); None = ('attention',) when the program holds Mosaic kernels.
   loop_cost: how to count scanned (while-loop) work, which XLA's cost model sees once:
-    'unroll' compiles the step a second time with every scan unrolled, for the cost only
-    (exact, slower); 'scale' multiplies the compiler's time by analytic / compiler FLOPs;
-    'once' reports the compiler's numbers as they are.
+    'unroll' compiles the step again with every scan unrolled, for the cost only (exact;
+    a 7B step needs more time and RAM than a small machine has); 'scale' multiplies the
+    compiler's time by analytic / compiler FLOPs (no extra compile; rough: the cost model
+    prices a looped body differently from the same ops unrolled, and outside-loop work
+    is scaled too); 'once' reports the compiler's numbers as they are; 'auto' = 'unroll'
+    when the step compiled within `unroll_limit_s`, else 'scale'.
   Raises DoesNotFit when the step needs more than hbm_fraction x usable HBM per device
   (check_fit=False returns the report instead), DryRunError when it cannot be set up.
   """
-  if loop_cost not in ("unroll", "scale", "once"):
-    raise DryRunError(f"loop_cost={loop_cost!r}; expected 'unroll', 'scale' or 'once'")
+  if loop_cost not in ("auto", "unroll", "scale", "once"):
+    raise DryRunError(f"loop_cost={loop_cost!r}; expected auto, unroll, scale or once")
   given_mesh = mesh is not None
   if mesh is None:
     mesh = make_dry_run_mesh(topology, mesh_shape)
@@ -379,7 +385,6 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   jitted = step_fn if hasattr(step_fn, "lower") else jax.jit(step_fn, donate_argnums=donate_argnums)
   start = time.perf_counter()
   compiled = _compile(jitted, abstract_args, mesh, name, target)
-  compile_seconds = time.perf_counter() - start
 
   stats = compiled.memory_analysis()
   memory = MemoryTerms(
@@ -388,6 +393,7 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
       generated_code=int(stats.generated_code_size_in_bytes))
   bandwidth = chip.hbm_bandwidth / per_chip if chip is not None else None
   compiler_flops, compiler_seconds, roofline = _cost(compiled, peak_flops_per_device, bandwidth)
+  compile_seconds = time.perf_counter() - start
   hlo = compiled.as_text()
   has_kernels = platform == "tpu" and "tpu_custom_call" in hlo
   while_loops = hlo.count(" while(")
@@ -418,28 +424,31 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   if check_fit and report.fits is False:
     raise DoesNotFit(_not_fit_message(report), report)
 
+  seen = sum(v for k, v in split.items() if k not in kernel_flops_keys) / len(devices)
+  if while_loops and loop_cost == "auto":
+    # A fully unrolled 7B step takes the compiler many times the time and memory of the
+    # looped one (over 10 GB of RAM and 25 min on 2 cores): past a minute of compile, scale.
+    loop_cost = "unroll" if compile_seconds <= unroll_limit_s else "scale"
+
   if while_loops and loop_cost == "unroll":
-    # The cost model counts a loop body once: ask it about the same step with every scan
-    # unrolled (memory still comes from the real, looped program).
     start = time.perf_counter()
     try:
       unrolled = _compile(jax.jit(unroll_scans(jitted)), abstract_args, mesh, name, target)
     except DoesNotFit:
       unrolled = None  # unrolled copies may outgrow HBM where the loop fits
     if unrolled is not None:
-      flops, seconds, roofline = _cost(unrolled, peak_flops_per_device, bandwidth)
-      left = unrolled.as_text().count(" while(")
+      flops, seconds, rl = _cost(unrolled, peak_flops_per_device, bandwidth)
+      roofline |= rl
       report = dataclasses.replace(
           report, compiler_flops=flops, compiler_seconds=seconds,
-          cost_source=f"the step with scans unrolled (second compile, "
-                      f"{time.perf_counter() - start:.0f} s)")
-      if left:
+          cost_source=f"the step with scans unrolled ({time.perf_counter() - start:.0f} s compile)")
+      if left := unrolled.as_text().count(" while("):
         notes.append(f"{left} while loops that are not scans remain: their bodies count once")
     else:
       loop_cost = "scale"
-      notes.append("the scan-unrolled step does not fit in HBM, so its cost was not compiled")
-  if while_loops and loop_cost == "scale" and report.cost_source == "the compiled step":
-    seen = sum(v for k, v in split.items() if k not in kernel_flops_keys) / len(devices)
+      notes.append("the fully unrolled step does not fit in HBM; its time is scaled instead")
+
+  if while_loops and loop_cost == "scale":
     if seen and compiler_flops and compiler_seconds is not None:
       scale = max(1.0, seen / compiler_flops)
       report = dataclasses.replace(report, loop_scale=scale)
@@ -447,7 +456,9 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
           f"{while_loops} while loops (scans): XLA's cost model counts a loop body once; its time "
           f"is scaled by analytic / compiler FLOPs = {scale:.1f}x (outside-loop work such as "
           f"the optimiser update is scaled too, remat recomputation is not counted)")
-  if report.cost_source == "the compiled step" and while_loops and report.loop_scale == 1.0:
+    else:
+      loop_cost = "once"
+  if while_loops and loop_cost == "once":
     notes.append(f"{while_loops} while loops: the compiler's FLOPs and time count each loop "
                  f"body once (loop_cost='unroll' or 'scale' corrects this)")
   if report.compiler_seconds is not None and roofline:
@@ -493,35 +504,39 @@ def _cost(compiled, peak_flops: float | None, bandwidth: float | None):
 # ----------------------------------------------------------------------------- scans
 
 
-def _unroll_param(value):
+def _unroll_param(value, factor):
   if isinstance(value, jcore.ClosedJaxpr):
-    return jcore.ClosedJaxpr(_unroll_jaxpr(value.jaxpr), value.consts)
+    return jcore.ClosedJaxpr(_unroll_jaxpr(value.jaxpr, factor), value.consts)
   if isinstance(value, jcore.Jaxpr):
-    return _unroll_jaxpr(value)
+    return _unroll_jaxpr(value, factor)
   if type(value) in (tuple, list):  # not NamedTuples (e.g. gather dimension numbers)
-    return type(value)(_unroll_param(v) for v in value)
+    return type(value)(_unroll_param(v, factor) for v in value)
   return value
 
 
-def _unroll_jaxpr(jaxpr):
+def _unroll_jaxpr(jaxpr, factor):
   eqns = []
   for eqn in jaxpr.eqns:
-    params = {key: _unroll_param(value) for key, value in eqn.params.items()}
+    params = {key: _unroll_param(value, factor) for key, value in eqn.params.items()}
     if eqn.primitive.name == "scan":
-      params["unroll"] = max(int(params["length"]), 1)  # unroll == length: no loop at all
+      length = max(int(params["length"]), 1)
+      # unroll == length leaves no loop at all; a smaller factor keeps a loop of
+      # length // factor trips with `factor` bodies each (+ the remainder unrolled).
+      params["unroll"] = length if factor is None else min(factor, length)
     eqns.append(eqn.replace(params=params))
   return jaxpr.replace(eqns=eqns)
 
 
-def unroll_scans(fn: Callable) -> Callable:
-  """`fn` with every `lax.scan` in it (nested in jit/remat/shard_map too) fully unrolled.
+def unroll_scans(fn: Callable, factor: int | None = None) -> Callable:
+  """`fn` with every `lax.scan` in it (nested in jit/remat/shard_map too) unrolled.
 
-  Same values; the program simply has no scan loops left. Used for the cost model, which
-  counts a while-loop body once.
+  factor None: fully (no scan loop is left); an int: that many iterations per loop trip.
+  Same values. Used for the cost model, which counts a while-loop body once.
   """
   def unrolled(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    outs = jax.core.eval_jaxpr(_unroll_jaxpr(closed.jaxpr), closed.consts, *jax.tree.leaves(args))
+    outs = jax.core.eval_jaxpr(_unroll_jaxpr(closed.jaxpr, factor), closed.consts,
+                               *jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return unrolled
