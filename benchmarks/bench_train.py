@@ -66,13 +66,15 @@ def bench(name: str, remat: str, args) -> dict:
   cfg.model.dtype = args.dtype
   cfg.train.global_batch = args.batch
   cfg.train.logprob_chunk = args.chunk
+  for group in filter(None, args.freeze.split(",")):
+    cfg.freeze[group] = True
   cfg.data.train_files = "synthetic"
   cfg.data.tokenizer_dir = "synthetic"
   task = sft.SFTTask(cfg)
   mc = task.model_config()
   mesh = distributed.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   host = synthetic_batch(mc, args.batch, args.seq_len, args.vision_capacity, args.samples_per_row)
-  flops = flops_lib.train_step_flops(mc, host)
+  flops = flops_lib.train_step_flops(mc, host, vision_trained=not (cfg.freeze.vision and cfg.freeze.merger))
   with jax.set_mesh(mesh):
     setup = trainer.init_train_state(task, mesh, total_steps=1000)
     step_fn = trainer.make_train_step(task, setup.graphdef, setup.tx, setup.schedule, microbatches=1)
@@ -95,7 +97,7 @@ def bench(name: str, remat: str, args) -> dict:
   device = jax.devices()[0]
   peak = flops_lib.peak_flops_per_device("cpu" if device.platform == "cpu" else device.device_kind,
                                          jax.local_device_count())
-  return {"model": name, "remat": remat, "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq_len,
+  return {"model": name, "remat": remat, "dtype": args.dtype, "freeze": args.freeze, "batch": args.batch, "seq_len": args.seq_len,
           "vision_capacity": args.vision_capacity, "compile_s": round(compile_s, 2),
           "step_s": round(step, 4), "step_s_all": [round(t, 4) for t in times],
           "tokens_per_s": round(real / step, 1), "tflop_per_step": flops / 1e12,
@@ -111,6 +113,7 @@ def main():
   p.add_argument("--seq_len", type=int, default=1024)
   p.add_argument("--vision_capacity", type=int, default=1024)
   p.add_argument("--samples_per_row", type=int, default=2)
+  p.add_argument("--freeze", default="", help="comma-separated groups to freeze: vision,merger,llm")
   p.add_argument("--chunk", type=int, default=256)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--dtype", default="float32")

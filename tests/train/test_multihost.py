@@ -1,0 +1,77 @@
+"""Two local processes with jax.distributed (CPU, localhost) train, stop, resume from their checkpoint, and
+log the same run as one process driving the same mesh shape."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+from vt_jax.train import distributed, metrics as metrics_lib, trainer
+
+from . import train_fixtures as F
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TIMEOUT_S = 600
+
+
+def _launch(workdir, per_run, tmp_path, tag):
+  """Starts both processes, waits (with a timeout), returns their result dicts."""
+  port = portpicker.pick_unused_port()
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(F.CACHE_ENV)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  procs, outs, logs = [], [], []
+  for pid in range(2):
+    out = str(tmp_path / f"{tag}_result_{pid}.json")
+    log = open(tmp_path / f"{tag}_log_{pid}.txt", "w")
+    procs.append(subprocess.Popen([sys.executable, WORKER, str(pid), "2", str(port), workdir, str(per_run), out],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+    outs.append(out)
+    logs.append(log)
+  try:
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail(f"two-process run timed out after {TIMEOUT_S}s; logs in {tmp_path}")
+  finally:
+    for log in logs:
+      log.close()
+  for pid, p in enumerate(procs):
+    if p.returncode != 0:
+      text = (tmp_path / f"{tag}_log_{pid}.txt").read_text()
+      pytest.fail(f"process {pid} exited with {p.returncode}:\n{text[-4000:]}")
+  return [json.load(open(o)) for o in outs]
+
+
+def test_two_processes_train_save_restore_and_match_one_process(tmp_path):
+  workdir = str(tmp_path / "run")
+  first = _launch(workdir, 3, tmp_path, "first")
+  assert [r["status"] for r in first] == ["paused", "paused"] and [r["step"] for r in first] == [3, 3]
+  # Each process loads its own half of every global batch.
+  assert [r["shard"] for r in first] == [[0, 2, 4], [1, 2, 4]]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+  data_files = sorted(os.listdir(os.path.join(workdir, "checkpoints", "3", "data")))
+  assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+  second = _launch(workdir, 0, tmp_path, "second")
+  assert [r["status"] for r in second] == ["completed", "completed"] and [r["step"] for r in second] == [6, 6]
+  got = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE))}
+
+  # The same mesh shape driven by this (single) process, uninterrupted.
+  ref_dir = str(tmp_path / "single")
+  mesh = distributed.make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:4])
+  with F.compilation_cache():
+    trainer.train(F.array_task_class()(F.config(), F.packed_batches(5, F.ROWS, seed=11)), ref_dir, mesh=mesh)
+  want = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(ref_dir, metrics_lib.METRICS_FILE))}
+  assert sorted(got) == sorted(want) == list(range(1, 7))
+  for step in want:
+    for key in ("loss", "grad_norm", "lr", "param_norm", "loss_weight"):
+      np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5, err_msg=f"step {step} {key}")
