@@ -1,6 +1,6 @@
 """`python -m vt_jax.generate` end to end: a tiny random model (HF dir) on a synthetic video streams its
 trace, prints the parsed clues, and `--html` writes a page whose thumbnails exist; the streamed text is
-the text batched generation produces for the same question."""
+the text batched generation (`evaluate`) produces for the same question."""
 import json
 import os
 import re
@@ -9,6 +9,7 @@ import pytest
 
 from vt_jax.data import synthetic
 from vt_jax.eval import model_io
+from vt_jax.eval.__main__ import evaluate
 from vt_jax.eval.benchmarks import load_benchmark
 
 from tests.eval.test_cli import run_cli, shared_setup
@@ -47,15 +48,17 @@ def test_generate_streams_and_writes_html(setup, tmp_path):
   for src in sources:
     assert (html_path.parent / src).is_file() and (html_path.parent / src).stat().st_size > 0
 
-  # Streaming decodes the same tokens as the batched sampler that evaluation uses.
+  # Streaming decodes the same tokens as the batched sampler that evaluation uses: `evaluate` (the Python
+  # entry point the demo calls) with the model in memory gives the same text for this question.
   loaded = model_io.load_model(model_dir, param_dtype="float32", dtype="float32")
   item = next(it for it in load_benchmark("synthetic", paths.test_json, paths.root)
               if it.id == str(record["problem_id"]))
-  qa = model_io.VideoQA(loaded, sampling=loaded.default_sampling(benchmark="synthetic"), batch_size=1,
-                        decoding=model_io.decoding_config(loaded, max_new_tokens=MAX_NEW))
-  [result] = qa.generate([item])
+  summary = evaluate(loaded.model, loaded.tokenizer, [item], str(tmp_path / "eval"), batch_size=1,
+                     max_new_tokens=MAX_NEW, model_name="tiny", progress=False)
+  assert summary["run"]["options"]["max_pixels"] == synthetic.SYNTH_SAMPLING.max_pixels
+  [prediction] = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
   # (the subprocess's text-mode stdout turned any "\r" the random model wrote into "\n")
-  assert streamed == result.text.replace("\r\n", "\n").replace("\r", "\n")
+  assert streamed == prediction["text"].replace("\r\n", "\n").replace("\r", "\n")
 
 
 def test_generate_errors(setup, tmp_path):
