@@ -30,14 +30,18 @@ def get_config():
   c.data.vision_capacity = 512    # one video of 8 x 8 x 8 patches
   c.data.pack_bins = 4
   c.data.num_workers = 0
-  c.train.num_steps = 150
+  c.train.num_steps = 250
   c.train.global_batch = 8
   c.train.logprob_chunk = 256
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 15
+  c.optim.lr = 5e-3               # a tiny model from scratch: far above the 7B recipe's 1e-5
+  c.optim.warmup_steps = 20
   c.optim.decay = "cosine"
-  c.optim.end_lr_ratio = 0.05
+  c.optim.end_lr_ratio = 0.02
   c.optim.weight_decay = 0.01
+  # The randomly initialised vision tower stays fixed (its random features still separate shapes, colours
+  # and positions; the merger and the LLM learn to read them): on CPU its backward pass is ~40% of the
+  # step. --config.freeze.vision=False trains it too (300 steps then gave accuracy 34%, format 72%).
+  c.freeze.vision = True
   c.checkpoint.every_steps = 50
   c.checkpoint.keep_latest = 2
   c.log.every_steps = 10

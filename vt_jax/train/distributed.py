@@ -199,3 +199,21 @@ def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], global_batch:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def barrier(name: str, timeout_s: float = 900) -> None:
+  """Waits until every process reaches `name` (no-op with one process).
+
+  Uses the coordination service's barrier, whose timeout we choose: the first collective of a program
+  (CPU/gloo in particular) gives up when the processes arrive more than ~30 s apart, which a slow
+  compile on one host easily causes. Call it after compiling and before running.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  # no public barrier with a timeout
+  client = jax_distributed.global_state.client
+  if client is None:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -469,6 +469,7 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
         on_step(step, m)
 
     per_run = int(cfg.train.get("max_steps_per_run", 0) or 0)
+    distributed.barrier("train_loop_start")
     for step in range(start_step + 1, total_steps + 1):
       if watch.requested():
         status = "preempted"
@@ -488,7 +489,10 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
       batch = distributed.shard_batch(mesh, local, global_batch)
       if jitted is None:
         batch_shardings = {k: v.sharding for k, v in batch.items()}
-        jitted = jit_train_step(step_fn, state_shardings, batch_shardings, mesh)
+        # Compile ahead, then line the processes up: their first collective must not wait on a slow
+        # compile elsewhere.
+        jitted = jit_train_step(step_fn, state_shardings, batch_shardings, mesh).lower(state, batch).compile()
+        distributed.barrier("train_step_compiled")
       state, dev_metrics = jitted(state, batch)
       if pending is not None:
         consume(pending)  # the previous step's metrics: fetched while this step runs
