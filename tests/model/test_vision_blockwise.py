@@ -196,3 +196,21 @@ def test_max_group_windows_is_checked():
     from flax import nnx
     from vt_jax.model.vision import VisionTower
     VisionTower(TINY.vision, rngs=nnx.Rngs(0), max_group_windows=0)
+
+
+def test_sharded_batch_equals_single_device():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from vt_jax.model import sharding as S
+  mesh = S.make_mesh(data=2, fsdp=2, tensor=2)
+  rng = np.random.default_rng(5)
+  grids = [[(2, 8, 8), (1, 4, 4)], [(4, 4, 8)], [(1, 8, 8)], [(2, 4, 4)]]  # 9, 8, 4, 2 windows used
+  lays = [VL.build_vision_layout(g, window_size=WS, capacity=12 * WP) for g in grids]
+  gid = jnp.asarray(np.stack([lay.group_ids for lay in lays]))
+  q, k, v = (jnp.asarray(rng.standard_normal((4, gid.shape[1], 4, 8)).astype(np.float32)) for _ in range(3))
+  fn = jax.jit(lambda q, k, v, gid: A.group_attention(q, k, v, gid, window_patches=WP, max_group_windows=4))
+  single = fn(q, k, v, gid)
+  spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+  sharded = fn(jax.device_put(q, spec), jax.device_put(k, spec), jax.device_put(v, spec),
+               jax.device_put(gid, NamedSharding(mesh, P(("data", "fsdp")))))
+  assert bool(A.group_window_plan(gid, window_patches=WP, max_group_windows=4)[1])
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
