@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vt_jax.train import checkpoint as ckpt_lib, distributed, metrics as metrics_lib, sft, trainer
+from vt_jax.train import checkpoint as ckpt_lib, distributed, export, metrics as metrics_lib, sft, trainer
 
 from . import train_fixtures as F
 
@@ -169,3 +169,18 @@ def test_keep_policy_and_iterator_state(tmp_path):
   np.testing.assert_array_equal(got.state["w"], [8.0, 8.0, 8.0])
   assert restored_it.position == 8 and got.meta["step"] == 8
   ckpt.close()
+
+
+def test_export_a_checkpoint_to_hf_and_start_from_it(tmp_path, mesh, reference):
+  """Step 4 of the reference run -> a Hugging Face directory -> a new run imports exactly those params."""
+  wd, _, _ = reference
+  out = str(tmp_path / "hf")
+  export.export_checkpoint(wd, out, step=4, dtype="float32")  # read onto all 8 devices (fsdp)
+  assert {"config.json", "generation_config.json", "model.safetensors"} <= set(os.listdir(out))
+  with jax.set_mesh(mesh):
+    step4 = ckpt_lib.restore_params(os.path.join(wd, "checkpoints", "4"), _abstract_params(F.config(), mesh))
+  imported = _abstract_params(F.config(**{"model.hf_dir": out}), mesh)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(imported), jax.tree.leaves(step4)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  with pytest.raises(ckpt_lib.CheckpointError, match="not a training workdir"):
+    export.export_checkpoint(str(tmp_path), out)

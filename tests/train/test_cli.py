@@ -28,7 +28,8 @@ def test_sft_demo_end_to_end_and_rerun_resumes(tmp_path):
   args = ["--config=sft_demo", f"--workdir={workdir}", f"--config.demo.data_dir={tmp_path / 'data'}",
           "--config.demo.num_train=8", "--config.demo.num_test=4", "--config.demo.eval_batch=4",
           "--config.demo.max_new_tokens=8", "--config.train.num_steps=3", "--config.train.global_batch=2",
-          "--config.checkpoint.every_steps=2", "--config.log.every_steps=1", "--config.optim.warmup_steps=1"]
+          "--config.checkpoint.every_steps=2", "--config.log.every_steps=1", "--config.optim.warmup_steps=1",
+          f"--config.export_hf_dir={tmp_path / 'hf'}"]
   done = _run(args, tmp_path)
   assert done.returncode == 0, done.stderr[-4000:]
   out = done.stdout
@@ -45,6 +46,8 @@ def test_sft_demo_end_to_end_and_rerun_resumes(tmp_path):
   assert config["data"]["train_files"].endswith("train.json")  # filled in by the demo
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+  exported = set(os.listdir(tmp_path / "hf"))  # the final model, with the synthetic tokenizer
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= exported, exported
   results = json.loads((workdir / "demo_results.json").read_text())
   assert set(results) == {"before SFT (init)", "after SFT (3 steps)"}
   assert all(r["n_evaluated"] == 4 for r in results.values())

@@ -134,6 +134,12 @@ class SFTTask(trainer.Task):
   def create_model(self, mesh):
     return create_model(self.config, mesh, self._model_cfg)
 
+  def export_hf(self, model, directory):
+    from vt_jax.model import hf_io  # pylint: disable=g-import-not-at-top
+    tokenizer_dir = self.config.data.get("tokenizer_dir") or self.config.model.get("hf_dir")
+    hf_io.save_pretrained(model, directory,
+                          tokenizer_dir=tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None)
+
   def loss(self, model, batch, rng):
     del rng  # no dropout in Qwen2.5-VL
     return sft_loss(model, batch, chunk_size=self.chunk_size)
