@@ -193,7 +193,8 @@ def test_select_attention_impl():
 
 def test_select_attention_impl_follows_the_mesh_platform():
   # A CPU process compiling for a TPU topology must pick the TPU kernel.
-  topologies = pytest.importorskip("jax.experimental.topologies")
+  pytest.importorskip("libtpu")  # the TPU compiler (the `tpu` extra)
+  from jax.experimental import topologies
   topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
   mesh = jax.sharding.Mesh(np.asarray(topo.devices), ("fsdp",), axis_types=(AxisType.Auto,))
   with jax.set_mesh(mesh):
@@ -202,7 +203,8 @@ def test_select_attention_impl_follows_the_mesh_platform():
 
 
 def test_splash_aot_compiles_for_tpu_forward_and_backward():
-  topologies = pytest.importorskip("jax.experimental.topologies")
+  pytest.importorskip("libtpu")  # the TPU compiler (the `tpu` extra)
+  from jax.experimental import topologies
   topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
   mesh = jax.sharding.Mesh(np.asarray(topo.devices).reshape(2, 2), ("fsdp", "tensor"),
                            axis_types=(AxisType.Auto,) * 2)
