@@ -22,7 +22,7 @@ def main(argv):
   import train_fixtures as F  # pylint: disable=g-import-not-at-top
 
   process = distributed.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id),
-                                   initialization_timeout=120)
+                                   initialization_timeout=300, heartbeat_timeout_seconds=600)
   assert jax.device_count() == 2 * int(num_processes), jax.devices()
   batches = F.packed_batches(5, F.ROWS, seed=11)
   cfg = F.config(**{"train.max_steps_per_run": int(per_run)})

@@ -76,10 +76,11 @@ def test_gradient_accumulation_is_the_global_token_mean(one_device, batch):
   """microbatches=2 gives the loss and update of one full batch, and both equal the numpy loss
   sum(all token NLLs) / sum(all loss tokens) -- not the mean of per-microbatch means."""
   cfg = F.config()
-  # Unequal microbatches: row 0 (in microbatch 0) keeps only 3 of its loss tokens.
+  # Unequal microbatches: the rows of microbatch 0 (0, 2, 4, ...) keep only 3 loss tokens each.
   batch = {k: v.copy() for k, v in batch.items()}
-  row0 = np.flatnonzero(batch["loss_mask"][0])
-  batch["loss_mask"][0, row0[3:]] = 0.0
+  for r in range(0, F.ROWS, 2):
+    kept = np.flatnonzero(batch["loss_mask"][r])
+    batch["loss_mask"][r, kept[3:]] = 0.0
   s0, s1, m1, graphdef = _one_step(cfg, one_device, batch, microbatches=1, head_scale=40.0)
   _, s2, m2, _ = _one_step(cfg, one_device, batch, microbatches=2, head_scale=40.0)
 
@@ -91,7 +92,7 @@ def test_gradient_accumulation_is_the_global_token_mean(one_device, batch):
   global_mean = (nll * mask).sum() / mask.sum()
   # Microbatch m holds rows m, m+2, ... (strided); the mean of the two microbatch means differs.
   per_mb = [(nll[m::2] * mask[m::2]).sum() / mask[m::2].sum() for m in range(2)]
-  assert abs(np.mean(per_mb) - global_mean) > 1e3 * 2e-6 * global_mean  # far outside the tolerance below
+  assert abs(np.mean(per_mb) - global_mean) > 1e-2 * global_mean  # far outside the tolerance below
 
   np.testing.assert_allclose(m1["loss"], global_mean, rtol=2e-6)
   np.testing.assert_allclose(m2["loss"], global_mean, rtol=2e-6)

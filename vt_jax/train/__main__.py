@@ -29,6 +29,12 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs outside TPU pods).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the config's steps from abstract shapes and print "
+                             "memory/FLOPs/step time; allocates nothing, trains nothing (vt_jax.train.plan).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: a TPU slice to compile for (v5p-64, "
+                                "v5e:16x16, ...; needs libtpu); default the present devices.")
+_LOOP_COST = flags.DEFINE_enum("dry_run_loop_cost", "auto", ["auto", "unroll", "scale", "once"],
+                               "With --dry_run: how scanned layers are costed (vt_jax.train.dry_run.dry_run).")
 
 
 def resolve_config_arg(value: str) -> str:
@@ -94,6 +100,11 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=sft_demo)")
+  if _DRY_RUN.value:
+    from vt_jax.train import plan  # pylint: disable=g-import-not-at-top
+    return plan.main(config, _TOPOLOGY.value, loop_cost=_LOOP_COST.value)
+  if _TOPOLOGY.value:
+    raise app.UsageError("--topology is only used with --dry_run")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   process = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -49,12 +49,15 @@ def initialize(
     process_id: int | None = None,
     *,
     initialization_timeout: int = 300,
+    heartbeat_timeout_seconds: int = 100,
 ) -> ProcessInfo:
   """Joins the multi-process job, if there is one.
 
   TPU pods (and SLURM / Open MPI clusters) are detected by `jax.distributed.initialize()` itself; anywhere
   else pass the coordinator ("host:port" of process 0), the number of processes and this one's id. With
   none of them and no cluster environment this is a single-process run and nothing is initialised.
+  heartbeat_timeout_seconds: how long a silent process is tolerated before the job is declared dead (a
+  starved host -- e.g. an overloaded CI machine compiling -- can miss heartbeats for a while).
   """
   explicit = coordinator_address is not None or (num_processes or 1) > 1
   if explicit:
@@ -64,9 +67,10 @@ def initialize(
           f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
-        initialization_timeout=initialization_timeout)
+        initialization_timeout=initialization_timeout, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   elif _cluster_detected():
-    jax.distributed.initialize(initialization_timeout=initialization_timeout)
+    jax.distributed.initialize(initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   info = ProcessInfo(jax.process_index(), jax.process_count())
   if info.count > 1:
     logging.info("process %d of %d; %d local / %d global devices", info.index, info.count,
