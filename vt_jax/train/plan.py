@@ -24,6 +24,7 @@ most data.max_pixels): an upper bound of what packed data does, and what MFU is 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -102,6 +103,15 @@ def abstract_train_state(task: trainer.Task, mesh: Mesh, total_steps: int = 1):
 
 def _shardings(tree):
   return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _train_step(task, graphdef, tx, schedule, state, microbatches: int):
+  """`trainer.make_train_step`, with the gradient accumulator pinned to the params' shardings where the
+  trainer supports it (the real run passes them too; left free, GSPMD may replicate the accumulator)."""
+  kwargs = {}
+  if "grad_shardings" in inspect.signature(trainer.make_train_step).parameters:
+    kwargs["grad_shardings"] = _shardings(state.params)
+  return trainer.make_train_step(task, graphdef, tx, schedule, microbatches=microbatches, **kwargs)
 
 
 # ---- abstract batches -------------------------------------------------------------------------------------
@@ -216,7 +226,7 @@ def plan_sft(config, mesh: Mesh) -> list[PlannedStep]:
   shapes.update(positions=((3, rows, length), jnp.int32), loss_mask=((rows, length), jnp.float32),
                 **vision_shapes(rows, capacity, patch_dim))
   batch = abstract_batch(shapes, mesh, rows)
-  step = trainer.make_train_step(task, graphdef, tx, schedule, microbatches=micro)
+  step = _train_step(task, graphdef, tx, schedule, state, micro)
   jitted = trainer.jit_train_step(step, _shardings(state), _shardings(batch), mesh)
   window, group = vision_ids(config, mc)
   freeze = dict(config.freeze)
@@ -346,7 +356,7 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
                     text_passes=1, vision_passes=1)))
 
   batch = abstract_batch(rshapes, mesh, rows)
-  update = trainer.make_train_step(task, graphdef, tx, schedule, microbatches=micro)
+  update = _train_step(task, graphdef, tx, schedule, state, micro)
 
   def update_step(state, batch, ref_params):
     del ref_params  # resident, not read
