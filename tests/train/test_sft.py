@@ -64,7 +64,8 @@ def _one_step(cfg, mesh, batch, microbatches, head_scale=1.0):
       # Sharper logits than a fresh init's: token NLLs then differ a lot between rows.
       head = setup.state.params["lm_head"]
       setup.state = setup.state.replace(params={**setup.state.params, "lm_head": {"kernel": head["kernel"] * head_scale}})
-    step_fn = trainer.make_train_step(task, setup.graphdef, setup.tx, setup.schedule, microbatches=microbatches)
+    step_fn = trainer.make_train_step(task, setup.graphdef, setup.tx, setup.schedule, microbatches=microbatches,
+                                      grad_shardings=setup.state_shardings.params)
     dev = distributed.shard_batch(mesh, batch, batch["input_ids"].shape[0])
     jitted = trainer.jit_train_step(step_fn, setup.state_shardings, {k: v.sharding for k, v in dev.items()}, mesh)
     before = jax.device_get(setup.state)  # a host copy: the step donates the device state

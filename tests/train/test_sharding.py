@@ -23,7 +23,8 @@ def _run(mesh, batches, cfg, microbatches):
     setup = trainer.init_train_state(task, mesh, total_steps=cfg.train.num_steps)
     state, shardings = setup.state, setup.state_shardings
     initial = jax.device_get(state.params)
-    step_fn = trainer.make_train_step(task, setup.graphdef, setup.tx, setup.schedule, microbatches=microbatches)
+    step_fn = trainer.make_train_step(task, setup.graphdef, setup.tx, setup.schedule, microbatches=microbatches,
+                                      grad_shardings=setup.state_shardings.params)
     jitted, metrics = None, []
     for host_batch in batches:
       batch = distributed.shard_batch(mesh, host_batch, host_batch["input_ids"].shape[0])
@@ -40,8 +41,9 @@ def test_sharded_step_equals_single_device():
   cfg = F.config()
   mesh8 = distributed.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   mesh1 = distributed.make_mesh({"data": -1}, devices=jax.devices()[:1])
-  init8, shard8, final8, metrics8, batch8 = _run(mesh8, batches, cfg, microbatches=1)
-  init1, _, final1, metrics1, _ = _run(mesh1, batches, cfg, microbatches=1)
+  # Two microbatches: the accumulation scan and its pinned accumulator run sharded too.
+  init8, shard8, final8, metrics8, batch8 = _run(mesh8, batches, cfg, microbatches=2)
+  init1, _, final1, metrics1, _ = _run(mesh1, batches, cfg, microbatches=2)
 
   # The 8-device run really is sharded: params over fsdp/tensor, Adam moments like their params, the
   # batch over (data, fsdp) -- positions on its second axis.

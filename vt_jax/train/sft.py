@@ -60,18 +60,23 @@ def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, chunk_size: i
   return jnp.sum(nll), jnp.sum(mask), {}
 
 
-def _dtype(name: str, field: str):
+def parse_dtype(name: str, field: str):
+  """"bfloat16" -> jnp.bfloat16; `field` names the config field in the error."""
   if name not in _DTYPES:
     raise ValueError(f"{field}={name!r}: use one of {sorted(_DTYPES)}")
   return _DTYPES[name]
 
 
-def _csv(value) -> list[str]:
+def split_csv(value) -> list[str]:
+  """"a.json, b.json" (or a list) -> ["a.json", "b.json"]; empty/None -> []."""
   if not value:
     return []
   if isinstance(value, str):
     return [v.strip() for v in value.split(",") if v.strip()]
   return [str(v) for v in value]
+
+
+_dtype, _csv = parse_dtype, split_csv  # older names, used by other modules
 
 
 def resolve_model_config(cfg):

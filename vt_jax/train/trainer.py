@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -174,8 +174,18 @@ def split_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, ja
 
 
 def make_train_step(task: Task, graphdef: Any, tx: Any, schedule: Callable, *, microbatches: int,
-                    max_weight_floor: float = 1.0) -> Callable:
-  """The pure step (state, batch) -> (state, metrics); jit it with shardings (`jit_train_step`)."""
+                    grad_shardings: Any = None, min_weight: float = 1.0) -> Callable:
+  """The pure step (state, batch) -> (state, metrics); jit it with shardings (`jit_train_step`).
+
+  grad_shardings: shardings of the trainable params; the gradient accumulator is pinned to them (an
+  accumulator left to the compiler could come out replicated: 28 GB per device for a 7B model).
+  min_weight: the divisor floor, so a batch without a single loss unit gives a zero gradient, not NaN.
+  """
+
+  def pin(tree):
+    if grad_shardings is None:
+      return tree
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, grad_shardings)
 
   def micro_loss(trainable, frozen, rest, mb, rng):
     model = nnx.merge(graphdef, optim_lib.merge_params(trainable, frozen), rest)
@@ -196,18 +206,18 @@ def make_train_step(task: Task, graphdef: Any, tx: Any, schedule: Callable, *, m
         g_acc, l_acc, w_acc, a_acc = carry
         index, mb = xs
         (l, (w, a)), g = grad_fn(params, state.frozen, state.rest, mb, jax.random.fold_in(rng, index))
-        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        g_acc = pin(jax.tree.map(jnp.add, g_acc, g))
         a_acc = jax.tree.map(jnp.add, a_acc, a)
         return (g_acc, l_acc + l, w_acc + w, a_acc), None
 
       aux_shape = jax.eval_shape(lambda: grad_fn(params, state.frozen, state.rest,
                                                  jax.tree.map(lambda x: x[0], mbs), rng)[0][1][1])
-      zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+      zeros = (pin(jax.tree.map(jnp.zeros_like, params)), jnp.zeros((), jnp.float32),
                jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
       (grads, loss_sum, weight, aux), _ = jax.lax.scan(
           body, zeros, (jnp.arange(microbatches), mbs))
 
-    denom = jnp.maximum(weight, max_weight_floor)  # a batch without loss units gives a zero update
+    denom = jnp.maximum(weight, min_weight)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
     grad_norm = optim_lib.global_norm(grads)
@@ -417,7 +427,8 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
     watch = PreemptionWatch(enabled=bool(cfg.train.get("handle_signals", True)))
     stack.callback(watch.close)
 
-    step_fn = make_train_step(task, graphdef, tx, schedule, microbatches=microbatches)
+    step_fn = make_train_step(task, graphdef, tx, schedule, microbatches=microbatches,
+                              grad_shardings=state_shardings.params)
     jitted = None
     model_config = task.model_config()
     freeze = dict(cfg.freeze)
