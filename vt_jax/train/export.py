@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 from ml_collections import config_dict
 
-from vt_jax.train import checkpoint as ckpt_lib, distributed
+from vt_jax.train import checkpoint as ckpt_lib, distributed, sft
 
 
 def load_run_config(workdir: str) -> config_dict.ConfigDict:
@@ -33,24 +33,6 @@ def load_run_config(workdir: str) -> config_dict.ConfigDict:
     return config_dict.ConfigDict(json.load(f))
 
 
-def abstract_model(cfg, mesh):
-  """(graphdef, params as sharded ShapeDtypeStructs, rest) of the run's model, without allocating it."""
-  from vt_jax.model import sharding  # pylint: disable=g-import-not-at-top
-  from vt_jax.model.modeling import Qwen25VL  # pylint: disable=g-import-not-at-top
-  from vt_jax.train import sft  # pylint: disable=g-import-not-at-top
-  model_cfg = sft.resolve_model_config(cfg)
-  m = cfg.model
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
-    abstract = nnx.eval_shape(lambda: Qwen25VL(
-        model_cfg, rngs=nnx.Rngs(0), param_dtype=sft._dtype(m.param_dtype, "model.param_dtype"),  # pylint: disable=protected-access
-        dtype=sft._dtype(m.dtype, "model.dtype"), rules=sharding.LOGICAL_RULES))  # pylint: disable=protected-access
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  shardings = nnx.to_pure_dict(sharding.param_shardings(params, mesh))
-  params = nnx.to_pure_dict(params)
-  params_like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-  return graphdef, params_like, nnx.to_pure_dict(rest)
-
-
 def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = "bfloat16",
                       mesh_shape: dict | None = None) -> str:
   """Writes step `step` (default: the newest) of the run in `workdir` to `out_dir` in HF format."""
@@ -58,7 +40,7 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, dt
   cfg = load_run_config(workdir)
   mesh = distributed.make_mesh(mesh_shape or {"data": 1, "fsdp": -1, "tensor": 1})
   source = os.path.join(workdir, "checkpoints", str(step)) if step is not None else workdir
-  graphdef, params_like, rest = abstract_model(cfg, mesh)
+  graphdef, params_like, rest = sft.abstract_model(cfg, mesh)
   with jax.set_mesh(mesh):
     params = ckpt_lib.restore_params(source, params_like)
     model = nnx.merge(graphdef, params, rest)

@@ -96,29 +96,49 @@ def resolve_model_config(cfg):
   return mc
 
 
+def _model_kwargs(cfg) -> dict:
+  m = cfg.model
+  return dict(param_dtype=parse_dtype(m.param_dtype, "model.param_dtype"), dtype=parse_dtype(m.dtype, "model.dtype"),
+              remat=m.remat, attention=m.attention)
+
+
+def abstract_model(cfg, mesh, model_cfg=None):
+  """(graphdef, params as ShapeDtypeStructs carrying their shardings, rest) of the run's model, built
+  with `nnx.eval_shape`: nothing is allocated (the target for restoring a checkpoint)."""
+  from vt_jax.model import sharding  # pylint: disable=g-import-not-at-top
+  from vt_jax.model.modeling import Qwen25VL  # pylint: disable=g-import-not-at-top
+  model_cfg = model_cfg or resolve_model_config(cfg)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+    abstract = nnx.eval_shape(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(0), rules=sharding.LOGICAL_RULES,
+                                               **_model_kwargs(cfg)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  shardings = nnx.to_pure_dict(sharding.param_shardings(params, mesh))
+  params_like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             nnx.to_pure_dict(params), shardings)
+  return graphdef, params_like, nnx.to_pure_dict(rest)
+
+
 def create_model(cfg, mesh, model_cfg=None) -> nnx.Module:
-  """The model, params born in their shardings: imported from model.hf_dir, else random (seeded), then
-  optionally overwritten by the params of an orbax checkpoint (model.init_checkpoint)."""
+  """The model with params born in their shardings, from (first that is set) model.hf_dir (imported),
+  model.init_checkpoint (the params of a training checkpoint, read straight into their shards), or a
+  seeded random init."""
   from vt_jax.model import hf_io, sharding  # pylint: disable=g-import-not-at-top
   m = cfg.model
-  kwargs = dict(param_dtype=_dtype(m.param_dtype, "model.param_dtype"), dtype=_dtype(m.dtype, "model.dtype"),
-                remat=m.remat, attention=m.attention)
   model_cfg = model_cfg or resolve_model_config(cfg)
-  # The logical-axis rules must be active while abstract params are built on a mesh.
-  with nnx.logical_axis_rules(sharding.LOGICAL_RULES):
-    if m.get("hf_dir"):
-      if not os.path.isdir(m.hf_dir):
-        raise ConfigRequiredError(f"model.hf_dir={m.hf_dir!r} is not a directory")
-      model = hf_io.from_pretrained(m.hf_dir, mesh=mesh, config=model_cfg, **kwargs)
-    else:
-      model = sharding.create_model(model_cfg, mesh, seed=int(cfg.seed), **kwargs)
+  if m.get("hf_dir"):
+    if not os.path.isdir(m.hf_dir):
+      raise ConfigRequiredError(f"model.hf_dir={m.hf_dir!r} is not a directory")
+    # The logical-axis rules must be active while abstract params are built on a mesh.
+    with nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+      return hf_io.from_pretrained(m.hf_dir, mesh=mesh, config=model_cfg, **_model_kwargs(cfg))
   if m.get("init_checkpoint"):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    pure = nnx.to_pure_dict(params)
-    loaded = ckpt_lib.restore_params(m.init_checkpoint, pure)
-    model = nnx.merge(graphdef, loaded, rest)
+    graphdef, params_like, rest = abstract_model(cfg, mesh, model_cfg)
+    with jax.set_mesh(mesh):
+      params = ckpt_lib.restore_params(m.init_checkpoint, params_like)
     logging.info("initialised params from %s", m.init_checkpoint)
-  return model
+    return nnx.merge(graphdef, params, rest)
+  with nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+    return sharding.create_model(model_cfg, mesh, seed=int(cfg.seed), **_model_kwargs(cfg))
 
 
 class SFTTask(trainer.Task):
