@@ -13,7 +13,6 @@ vocabulary chunk by chunk, so fp32 `[B, L, V]` logits never exist at once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -22,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vt_jax.train import checkpoint as ckpt_lib
