@@ -263,6 +263,8 @@ def run_demo(config, workdir: str, process=None) -> dict[str, Any]:
       rows.append(("before SFT (init)", evaluator(initial, os.path.join(workdir, "eval", "init"), "init")))
   del initial
   result = trainer.train(task, workdir, process=process, mesh=mesh)
+  if result.status != "completed":  # preempted / paused: evaluate once the run is finished
+    return {"rows": rows, "result": result, "table": None}
   name = f"sft_step{result.step}"
   with jax.set_mesh(mesh):
     rows.append((f"after SFT ({result.step} steps)",
