@@ -37,7 +37,9 @@ def get_config():
   c.data.nframes = 16
   c.data.max_pixels = 128 * 28 * 28
   c.data.seq_len = 2048
-  c.data.vision_capacity = 4096   # 16 frames x 128*28*28 px = 8 groups x 512 patches, windows padded
+  # 16 frames of <= 128*28*28 px: 8 temporal groups of <= 512 patches; padding every attention window to
+  # 8 x 8 patches needs up to 6,144 slots (e.g. a 1:3.5 frame of 168 x 588 px). 4,096 would drop those.
+  c.data.vision_capacity = 6144
   c.data.num_workers = 8
   c.train.num_epochs = 1.0
   c.train.global_batch = 16
