@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -47,6 +48,7 @@ def machine_info(threads: int) -> dict:
   return {"cpu": cpu, "cpu_count": os.cpu_count(), "threads_torch": torch.get_num_threads(),
           "threads_xla_affinity": len(os.sched_getaffinity(0)), "threads_requested": threads,
           "load_avg_1m": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+          "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
           "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
           "transformers": __import__("transformers").__version__, "jax_backend": jax.default_backend()}
 
