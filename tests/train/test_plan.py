@@ -47,7 +47,9 @@ def test_video_grid_of_the_7b_recipe():
   mc = model_config.get_config("7b")
   assert plan.video_grid(cfg, mc) == (8, 16, 32)  # 16 frames x 128*28*28 px = 8 x 512 patches
   window, group = plan.vision_ids(cfg, mc)
-  assert window.shape == (4096,) and np.count_nonzero(window) == 4096 and group.max() == 8
+  # data.vision_capacity slots, of which the video's 4,096 patches (16 x 32 splits into whole windows).
+  assert window.shape == (int(cfg.data.vision_capacity),) and np.count_nonzero(window) == 4096
+  assert group.max() == 8
 
 
 def test_sft_dry_run_cli_small_config(tmp_path):
