@@ -38,7 +38,7 @@ def get_config():
   c.grpo.reference_dtype = "float32"
   c.grpo.logprob_batch = 0
   c.grpo.log_rollouts_every = 5
-  c.data.prompt_buckets = (512,)
+  c.data.prompt_buckets = (448,)  # prompts are <= ~410 tokens
   c.train.num_steps = 30
   c.train.num_epochs = 0.0
   c.train.logprob_chunk = 256

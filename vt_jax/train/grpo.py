@@ -303,6 +303,7 @@ class GRPOTask(trainer.Task):
     self._rest = None
     self._mesh = None
     self._segments: dict[tuple[str, int], Any] | None = None
+    self._updated_tokens = 0.0
 
   # ---- model --------------------------------------------------------------------------------------------
 
@@ -486,7 +487,12 @@ class GRPOTask(trainer.Task):
   def rollout(self, data: RolloutQueue, state) -> list[dict[str, Any]]:
     """One rollout with the current policy -> the queue of minibatches it feeds (module docstring)."""
     s = self.settings
+    # The trainer dispatched the last update just before asking for this batch: waiting for its result
+    # here times the update(s) since the previous rollout (the trainer's step time mixes both).
+    t_wait = time.perf_counter()
+    jax.block_until_ready(state.params)
     t0 = time.perf_counter()
+    update_s = t0 - t_wait if self._updated_tokens else 0.0
     prompts, loader_metrics = data.next_prompts()
     arrays = prompts.arrays
     b = arrays["input_ids"].shape[0]
@@ -567,6 +573,8 @@ class GRPOTask(trainer.Task):
         "rollout/prompts": float(prompts.num_real),
         "rollout/tokens_per_s": generated / max(t_sample - t0, 1e-9),
         "time/rollout_s": t_logp - t0,
+        "time/update_s": update_s,
+        "train/tokens_per_s": self._updated_tokens / update_s if update_s > 0 else 0.0,
         "time/sample_s": t_sample - t0,
         "time/reward_s": t_reward - t_sample,
         "time/logprob_s": t_logp - t_reward,
@@ -577,6 +585,8 @@ class GRPOTask(trainer.Task):
     if "format" in components:
       metrics["format_rate"] = metrics["reward/format/mean"]
     queue[0]["host_metrics"] = metrics
+    # Tokens the coming updates will train on (prompt + completion), for the next rollout's update timing.
+    self._updated_tokens = float(np.sum(rows["segment_ids"] > 0)) * s.num_passes
     self._log_rollouts(data.rollouts, prompts, texts, total, components)
     return queue
 
