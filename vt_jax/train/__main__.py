@@ -110,11 +110,18 @@ def main(argv):
   process = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if process.index:
     logging.set_verbosity(logging.WARNING)
+  from vt_jax.model.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from vt_jax.train import checkpoint, sft  # pylint: disable=g-import-not-at-top
+  # Mistakes a user can fix get one clear line instead of a traceback.
+  user_errors = (sft.ConfigRequiredError, distributed.MeshConfigError, checkpoint.CheckpointError, ConfigError)
   try:
     code = run_task(config, _WORKDIR.value, process)
   except trainer.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     code = 3
+  except user_errors as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    code = 2
   sys.stdout.flush()
   return code
 
