@@ -197,10 +197,14 @@ def test_grpo_step_on_8_devices_equals_one_device(tmp_path):
     np.testing.assert_allclose([m[key] for m in m8], [m[key] for m in m1], rtol=1e-3, atol=1e-6, err_msg=key)
   # Two passes over one rollout: the second update sees ratios != 1 (old log-probs from the rollout).
   assert m1[1]["ratio_mean"] != 1.0
-  flat1 = jax.tree.leaves(one.state.params)
-  flat8 = jax.tree.leaves(eight.state.params)
-  for a, b in zip(flat1, flat8):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  # Adam divides by sqrt(v): where a gradient coordinate is ~0, fp32 reduction-order noise between the
+  # 1- and 8-device programs can change its update by a fraction of lr. So: nearly every coordinate equal
+  # to fp32 noise, and none off by more than a small fraction of one step's size (lr).
+  lr = grpo_config(**over).optim.lr
+  diff = np.concatenate([np.abs(np.asarray(b) - np.asarray(a)).ravel()
+                         for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(eight.state.params))])
+  assert np.mean(diff <= 1e-6) >= 0.99, np.mean(diff <= 1e-6)
+  assert diff.max() <= 0.1 * lr, diff.max()
   logged = [json.loads(line) for line in open(tmp_path / "one" / grpo.ROLLOUT_LOG)]
   assert logged and {"completion", "reward", "answer"} <= set(logged[0])
 
@@ -214,3 +218,18 @@ def test_short_grpo_run_raises_mean_reward(tmp_path):
   assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.15
   assert sampler_lib.TRACE_COUNTS["sample"] == traces + 1  # one sampler compile for the whole run
   assert all(m["rollout/frac_zero_std_groups"] <= 1.0 for m in metrics)
+
+
+def test_t_grpo_step_scores_shuffled_rollouts(tmp_path):
+  """T-GRPO on: rollouts on shuffled frames run and the temporal-contrast component is computed (the real
+  rewards, not the toy one)."""
+  cfg = grpo_config(**{"train.num_steps": 1, "grpo.shuffled_group_size": 2, "grpo.beta": 0.0,
+                       "grpo.rewards": {"accuracy": 1.0, "format": 1.0, "temporal_contrast": 1.0}})
+  task = grpo.GRPOTask(cfg, tokenizer=F.tokenizer())
+  task.make_prompt_loader = lambda shard, n: PromptList(prompt_batches(1, 4))
+  task.workdir = str(tmp_path)
+  before = sampler_lib.TRACE_COUNTS["sample"]
+  trainer.train(task, str(tmp_path), mesh=one_device_mesh())
+  metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert "reward/temporal_contrast/mean" in metrics[0] and "reward/accuracy/mean" in metrics[0]
+  assert sampler_lib.TRACE_COUNTS["sample"] >= before + 1  # ordered (G=4) and shuffled (G=2) rollouts
