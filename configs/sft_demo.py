@@ -7,8 +7,15 @@ shapes with 4-option questions and reference Video-Thinker traces, plus a 1,024-
 evaluates the randomly initialised tiny model on the 64 held-out questions (greedy, KV cache), SFTs it
 (steps and sizes below), evaluates again and prints a before/after table of accuracy, format-following
 (the trace rule of the GRPO format reward), answer rate, temporal-grounding mIoU and output length.
-Expected on a 2-core CPU: a few minutes in all; format-following goes from 0% to most answers, accuracy
-from chance (~25%) upward. Rerunning the command resumes (or finds the run finished).
+Measured (2-core CPU shared with other jobs: 8 min wall, 196 s of CPU time; alone ~3-4 min):
+
+  model                   accuracy %     format %   answered %       mIoU %  mean tokens
+  before SFT (init)              0.0          0.0          0.0          0.0        224.0
+  after SFT (250 steps)         26.6         75.0        100.0         33.6        131.5
+
+SFT teaches the trace format (75% well-formed, every answer parseable, time windows overlapping the
+ground truth); accuracy stays near chance (25%) -- moving it is GRPO's job (grpo_demo).
+Rerunning the command resumes (or finds the run finished and reuses its evaluations).
 Results: <workdir>/demo_table.txt, demo_results.json, eval/*/report.md, metrics.jsonl.
 """
 
