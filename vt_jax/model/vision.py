@@ -104,7 +104,11 @@ class VisionBlock(nnx.Module):
       out = attention(blocks(q), blocks(k), blocks(v), ids, ids, causal=False, impl="xla")
       return out.reshape(b, p, self.num_heads, self.head_dim)
 
-    out = jax.lax.cond(is_full, full, windowed, q, k, v)
+    # Attention is rematerialised: the scan stacks a layer's residuals over all layers and lax.cond keeps
+    # those of both branches, so saved scores / gathered keys would cost every layer the full-attention
+    # branch's memory. Recomputing them costs a few percent of the block (windows are small).
+    attend = jax.checkpoint(lambda q, k, v: jax.lax.cond(is_full, full, windowed, q, k, v), prevent_cse=False)
+    out = attend(q, k, v)
     x = x + self.proj(out.reshape(b, p, -1))
     h = self.norm2(x)
     x = x + self.down_proj(activation(self.act)(self.gate_proj(h)) * self.up_proj(h))
