@@ -231,7 +231,8 @@ def restore_params(path: str | epath.Path, params_like: Any) -> dict:
   """
   from vt_jax.train import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
   state_dir = _step_dir(path) / STATE
-  saved_tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  with ocp.PyTreeCheckpointer() as reader:
+    saved_tree = reader.metadata(state_dir).item_metadata.tree
   where: dict[tuple, tuple[str, Any]] = {}
   for group in ("params", "frozen"):
     for p, meta in optim_lib.flatten_params(saved_tree.get(group) or {}):
@@ -247,7 +248,7 @@ def restore_params(path: str | epath.Path, params_like: Any) -> dict:
                             f"checkpoint, the model wants {tuple(leaf.shape)}")
     optim_lib.set_path(target[group], p, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding))
   target = {k: v for k, v in target.items() if v}
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  with ocp.PyTreeCheckpointer() as reader:
+    restored = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   return optim_lib.merge_params(restored.get("params", {}), restored.get("frozen", {}))
