@@ -12,8 +12,10 @@ cores; each also runs alone):
   3. input     bench_input.py         load_video samples/s vs the qwen-vl-utils path    target >= 2x
   4. mfu       (from 1)               train-step MFU vs the matmul peak of the same run target >= 35%
   5. scaling   bench_scaling.py       step time vs frames / sequence length; vision tower blockwise vs dense
-  6. dry_run   `python -m vt_jax.train --config={sft,grpo} --dry_run --topology={v5p-64,v5e-256}` (7B),
-               when the CLI has the flag; otherwise the section says it is missing.
+  6. dry_run   `python -m vt_jax.train --config={sft,grpo} --dry_run --topology={v5p-64,v5e-256}` (7B,
+               splash attention, batch overrides that split over the chips; ~10 min per SFT compile on 2
+               cores; --quick: SFT on v5p-64 only), when the CLI has the flag; otherwise the section says
+               it is missing.
 Writes results/run_all.{json,md} (the summary) next to each part's own results, and logs/ with each
 part's output. The load average is recorded before and after every part: on a shared machine, compare
 ratios (measured in interleaved rounds), not absolute times.
@@ -41,7 +43,16 @@ PARTS = {
 }
 RESULT_NAMES = {"sft": "bench_sft_vs_torch", "rollout": "bench_rollout", "input": "bench_input",
                 "scaling": "bench_scaling"}
-DRY_RUNS = [("sft", "v5p-64"), ("grpo", "v5p-64"), ("sft", "v5e-256"), ("grpo", "v5e-256")]
+# (config, topology, overrides): the batch must split over the chips (every chip an equal share of every
+# microbatch), so each slice gets the row counts the README's dry-run section uses.
+DRY_RUNS = [
+    ("sft", "v5p-64", ["--config.train.global_batch=32", "--config.train.microbatches=1"]),
+    ("grpo", "v5p-64", ["--config.train.microbatches=2"]),  # 64 completion rows: 2 x 32 chips
+    ("sft", "v5e-256", ["--config.train.global_batch=256", "--config.train.microbatches=1",
+                        "--config.model.remat=full"]),  # 16 GB chips: remat, one row per chip
+    ("grpo", "v5e-256", ["--config.grpo.prompts_per_step=32", "--config.train.microbatches=1",
+                         "--config.model.remat=full"]),  # 256 completion rows, one per chip
+]
 TARGETS = {"sft": 2.0, "rollout": 5.0, "input": 2.0, "mfu": 0.35}
 
 
@@ -91,8 +102,10 @@ def run_dry_runs(args, log_dir: str) -> dict:
             "note": "`python -m vt_jax.train` has no --dry_run flag yet (vt_jax.train.dry_run exists as a library; "
                     "its CLI integration is in progress), so this section has no table."}
   out = {"available": True, "runs": []}
-  for config, topology in DRY_RUNS:
-    cmd = [sys.executable, "-m", "vt_jax.train", f"--config={config}", "--dry_run", f"--topology={topology}"]
+  # --quick compiles only the first (SFT on v5p-64, ~10 min here); the full run all four (~40 min).
+  for config, topology, overrides in DRY_RUNS[:1] if args.quick else DRY_RUNS:
+    cmd = [sys.executable, "-m", "vt_jax.train", f"--config={config}", "--dry_run", f"--topology={topology}",
+           "--config.model.attention=auto", *overrides]
     t0 = time.perf_counter()
     try:
       proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.dry_run_timeout,
