@@ -573,13 +573,14 @@ class GRPOTask(trainer.Task):
         "rollout/prompts": float(prompts.num_real),
         "rollout/tokens_per_s": generated / max(t_sample - t0, 1e-9),
         "time/rollout_s": t_logp - t0,
-        "time/update_s": update_s,
-        "train/tokens_per_s": self._updated_tokens / update_s if update_s > 0 else 0.0,
         "time/sample_s": t_sample - t0,
         "time/reward_s": t_reward - t_sample,
         "time/logprob_s": t_logp - t_reward,
         **{f"data/{k}": float(v) for k, v in loader_metrics.items()},
     }
+    if update_s > 1e-3:  # ~0 when the trainer already waited for the update (e.g. to save a checkpoint)
+      metrics["time/update_s"] = update_s
+      metrics["train/tokens_per_s"] = self._updated_tokens / update_s
     if "accuracy" in components:
       metrics["accuracy"] = metrics["reward/accuracy/mean"]
     if "format" in components:
