@@ -29,7 +29,12 @@ def base_config() -> config_dict.ConfigDict:
   c.model.param_dtype = "float32"                # master weights
   c.model.dtype = "bfloat16"                     # compute
   c.model.remat = "none"                         # activation checkpointing policy of the model
-  c.model.attention = "xla"
+  # Decoder attention: "auto" = Pallas splash on TPU, cuDNN flash on CUDA GPUs, XLA elsewhere (and for
+  # calls a kernel cannot take, e.g. KV-cache decode steps); or force "xla" | "splash" | "cudnn".
+  c.model.attention = "auto"
+  # G, the key windows per query window of the vision tower's blockwise full attention: "auto" (12 for
+  # frames of <= 128*28*28 px up to 4:1), an int as a string ("16"), or "none" (dense [P, P] scores).
+  c.model.max_group_windows = "auto"
   c.model.vocab_size = 0                         # >0: override the vocabulary size (small tokenizers)
   c.model.token_ids = config_dict.ConfigDict()   # override special ids, e.g. eos_token_ids, video_token_id
 

@@ -20,7 +20,9 @@ Backends:
             for tests). Self-attention only: a KV-cache decode step falls back to XLA.
   "cudnn"   NVIDIA cuDNN flash attention through `jax.nn.dot_product_attention`.
   "xla"     `attention.attention(impl="xla")`.
-  "auto"    `select_attention_impl()`: splash on TPU, cuDNN on CUDA GPUs, else XLA.
+  "auto"    `auto_attention_impl()`: splash on TPU, cuDNN on CUDA GPUs, else XLA, per call:
+            a call the chosen kernel cannot take (a decode step, fp32 on cuDNN, a head size
+            cuDNN rejects) runs on XLA instead of failing, so "auto" is safe as a default.
 """
 from __future__ import annotations
 
@@ -67,6 +69,29 @@ def select_attention_impl(backend: str | None = None) -> str:
       return "xla"
     return "cudnn"
   return "xla"
+
+
+# cuDNN flash attention (jax's check_is_flash_attention): fp16/bf16, head dim a multiple of 8 and at
+# most 128 before Hopper (256 from Hopper on; the compile target's generation is unknown here, so 128),
+# even lengths when a mask (our segment ids) is trained through.
+_CUDNN_DTYPES = ("float16", "bfloat16")
+_CUDNN_MAX_HEAD_DIM = 128
+
+
+def auto_attention_impl(q, k, *, decoding: bool = False, backend: str | None = None) -> str:
+  """What impl="auto" runs for one call: `select_attention_impl(backend)`, or "xla" where that
+  kernel cannot take the call. q `[B, Lq, H, D]`, k `[B, Lk, K, D]`; decoding: a step against a KV
+  cache (q/kv positions given or Lq != Lk), which splash does not cover and is memory-bound anyway.
+  """
+  impl = select_attention_impl(backend)
+  if decoding or q.shape[1] != k.shape[1]:
+    return "xla"
+  if impl == "cudnn":
+    head_dim = q.shape[-1]
+    if (jnp.dtype(q.dtype).name not in _CUDNN_DTYPES or head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM
+        or q.shape[1] % 2):
+      return "xla"
+  return impl
 
 
 def _gpu_platform_version() -> str:
@@ -302,7 +327,7 @@ def fast_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,
   from vt_jax.model.attention import attention as xla_attention
 
   if impl == "auto":
-    impl = select_attention_impl()
+    impl = auto_attention_impl(q, k, decoding=q_positions is not None or kv_positions is not None)
   xla_path = functools.partial(
       xla_attention, q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
       q_positions=q_positions, kv_positions=kv_positions, scale=scale, impl="xla")

@@ -22,18 +22,22 @@ from vt_jax.model.vision import VisionTower
 class Qwen25VL(nnx.Module):
   """Qwen2.5-VL. `param_dtype` stores weights (fp32 for training, bf16 for inference); `dtype` is the
   compute dtype (bf16 by default; fp32 for parity tests). `remat`: "none" | "full" | "dots" |
-  "dots_no_batch" for the scanned layers. `attention`: the attention backend ("xla"). `rules`: logical
-  sharding rules for activation constraints (set by `sharding.create_model`).
+  "dots_no_batch" for the scanned layers. `attention`: the decoder's attention backend ("xla", "splash",
+  "cudnn", or "auto" = the fast kernel of the backend the model is traced for). `rules`: logical
+  sharding rules for activation constraints (set by `sharding.create_model`). `max_group_windows`: G of
+  the vision tower's blockwise full-attention layers (`VisionTower`): an int, None / "none" (dense) or
+  "auto"; the config field `model.max_group_windows`.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.bfloat16,
-               remat: str = "none", attention: str = "xla", rules=None):
+               remat: str = "none", attention: str = "xla", rules=None,
+               max_group_windows: int | str | None = "auto"):
     config.validate()
     self.config = config
     self.dtype = dtype
     self.rules = rules
     self.visual = VisionTower(config.vision, rngs=rngs, param_dtype=param_dtype, dtype=dtype, remat=remat,
-                              attention_impl=attention, rules=rules)
+                              attention_impl=attention, rules=rules, max_group_windows=max_group_windows)
     self.text = TextDecoder(config.text, rngs=rngs, param_dtype=param_dtype, dtype=dtype, remat=remat,
                             attention_impl=attention, rules=rules)
     if config.text.tie_word_embeddings:

@@ -59,6 +59,24 @@ def max_windows_per_group(cfg: VisionConfig, max_pixels: int = VIDEO_THINKER_MAX
   return best
 
 
+def parse_max_group_windows(value, cfg: VisionConfig) -> int | None:
+  """`max_group_windows` setting -> G (int) or None (dense): an int >= 1, None, or the strings "auto"
+  (`max_windows_per_group(cfg)`), "none" / "dense", or digits (a config field set on the command line)."""
+  if isinstance(value, str):
+    text = value.strip().lower()
+    if text == "auto":
+      return max_windows_per_group(cfg)
+    if text in ("none", "dense"):
+      return None
+    if text.isdigit():
+      value = int(text)
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+    raise ValueError(f"max_group_windows={value!r}: a positive int, None / 'none' (dense) or 'auto'")
+  return int(value)
+
+
 class VisionBlock(nnx.Module):
   """One ViT block. Params named as the hub's `visual.blocks.N.*`."""
 
@@ -139,12 +157,9 @@ class VisionTower(nnx.Module):
                attention_impl="xla", rules=None, max_group_windows: int | None | str = "auto"):
     """max_group_windows: G for the blockwise full-attention layers (`attention.group_attention`): an int,
     None (always dense), or "auto" = `max_windows_per_group(cfg)` (the released 128*28*28 frame budget).
+    Strings as a command line gives them ("8", "none", "auto") are accepted too.
     A static setting; it can be changed on a built model (`model.visual.max_group_windows = ...`)."""
-    if max_group_windows == "auto":
-      max_group_windows = max_windows_per_group(cfg)
-    if max_group_windows is not None and (isinstance(max_group_windows, bool) or int(max_group_windows) < 1):
-      raise ValueError(f"max_group_windows={max_group_windows!r}: a positive int, None (dense) or 'auto'")
-    self.max_group_windows = None if max_group_windows is None else int(max_group_windows)
+    self.max_group_windows = parse_max_group_windows(max_group_windows, cfg)
     self.cfg = cfg
     self.remat = remat
     self.rules = rules

@@ -73,7 +73,8 @@ def abstract_train_state(task: trainer.Task, mesh: Mesh, total_steps: int = 1):
   cfg = task.config
   m = cfg.model
   kwargs = dict(param_dtype=sft._dtype(m.param_dtype, "model.param_dtype"),  # pylint: disable=protected-access
-                dtype=sft._dtype(m.dtype, "model.dtype"), remat=m.remat, attention=m.attention)  # pylint: disable=protected-access
+                dtype=sft._dtype(m.dtype, "model.dtype"), remat=m.remat, attention=m.attention,  # pylint: disable=protected-access
+                max_group_windows=m.get("max_group_windows", "auto"))
   model_cfg = task.model_config()
   # Built outside the mesh context (as sharding.create_model does): logical names are not mesh axes.
   abstract = nnx.eval_shape(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(0), rules=msh.LOGICAL_RULES, **kwargs))
