@@ -125,6 +125,96 @@ def test_choose_tokens_follows_filtered_distribution(temperature, top_k, top_p):
   np.testing.assert_allclose(np.asarray(logp), np.log(p)[np.asarray(tokens)], rtol=1e-5)
 
 
+def _nucleus_size(logits, temperature, top_p):
+  """Independent numpy nucleus size (sorted descending, keep while the mass before is below top_p)."""
+  p = np.exp((logits - logits.max()) / temperature)
+  p = np.sort(p / p.sum())[::-1]
+  return int(np.sum(np.cumsum(p) - p < top_p))
+
+
+def test_top_p_cascade_equals_full_sort_and_follows_distribution():
+  """Top-p over the K most likely tokens (K = 16, then 256) or the full-sort fallback: the same token for the
+  same key, and the numpy nucleus distribution. One batch per case, because the level is chosen per batch."""
+  vocab, n, temperature, top_p = 1000, 4000, 1.0, 0.9
+  rng = np.random.default_rng(0)
+  base = rng.standard_normal(vocab).astype(np.float32)
+  cases = {  # name -> (logits, allowed nucleus sizes): each case needs a different level of the cascade
+      "in top 16": (base + np.where(np.arange(vocab) % 97 < 1, 9.0, 0.0).astype(np.float32), (2, 16)),
+      "in top 256": (base + np.where(np.arange(vocab) % 11 < 1, 6.0, 0.0).astype(np.float32), (17, 256)),
+      "full sort": (base * 0.2, (257, vocab)),
+  }
+  fast = SM.SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=1, nucleus_candidates=(16, 256))
+  full = SM.SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=1, nucleus_candidates=())
+  keys = SM.row_keys(jax.random.key(3), n)
+  choose = jax.jit(SM.choose_tokens, static_argnames="config")
+  for name, (logits, (lo, hi)) in cases.items():
+    size = _nucleus_size(logits, temperature, top_p)
+    assert lo <= size <= hi, (name, size)
+    batch = jnp.broadcast_to(jnp.asarray(logits), (n, vocab))
+    got, logp = choose(batch, keys, 0, config=fast)
+    want, _ = choose(batch, keys, 0, config=full)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    # The cascade's predicate: which candidate sets cover top_p (the level the lax.cond takes), and the fast
+    # path's own draw from the K candidates equals the full sort's.
+    lse = jax.nn.logsumexp(batch / temperature, axis=-1)
+    for k in (16, 256):
+      cand, ids = jax.lax.top_k(batch / temperature, k)
+      weights, covered = SM._nucleus(cand, lse, top_p)  # pylint: disable=protected-access
+      assert bool(jnp.all(covered)) == (size <= k) and bool(jnp.any(covered)) == (size <= k), (name, k)
+      if size <= k:
+        u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), (2,)))(keys)
+        direct = jnp.take_along_axis(ids, SM.sample_from_weights(weights, u)[:, None], axis=-1)[:, 0]
+        np.testing.assert_array_equal(np.asarray(direct), np.asarray(want), err_msg=(name, k))
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros(vocab, bool)
+    keep[order[:size]] = True
+    tokens = np.asarray(got)
+    assert keep[tokens].all(), name
+    np.testing.assert_allclose(np.asarray(logp), np.log(p[tokens]), rtol=1e-4, atol=1e-5)
+    # Frequencies of the 8 most likely tokens and of the rest of the nucleus vs the renormalised nucleus.
+    want_p = np.where(keep, p, 0) / p[keep].sum()
+    top = order[:8]
+    freq = np.append(np.bincount(tokens, minlength=vocab)[top] / n, 1 - np.isin(tokens, top).mean())
+    ref = np.append(want_p[top], 1 - want_p[top].sum())
+    print(f"\n[sampler] top-p {name}: nucleus {size}, TV {0.5 * np.abs(freq - ref).sum():.4f}")
+    assert 0.5 * np.abs(freq - ref).sum() < 0.03, (name, freq, ref)
+  # A batch mixing a peaked row with a flat one falls back as a whole; rows keep their own samples.
+  mixed = jnp.asarray(np.stack([cases["in top 16"][0], cases["full sort"][0]] * 4))
+  got, _ = SM.choose_tokens(mixed, keys[:8], 5, fast)
+  want, _ = SM.choose_tokens(mixed, keys[:8], 5, full)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_sample_from_weights_two_levels():
+  """The blocked inverse CDF (n > one block, not a multiple of it): frequencies match, zero weights are never
+  drawn, and the extreme uniforms stay on positive-weight entries."""
+  n_vocab, draws = 700, 20000
+  weights = np.zeros(n_vocab, np.float32)
+  heavy = np.array([0, 5, 127, 128, 300, 451, 640, 699])
+  weights[heavy] = [0.2, 0.05, 0.1, 0.15, 0.05, 0.2, 0.1, 0.05]
+  light = np.arange(130, 256, 3)  # the rest of the mass, spread thin inside one block; other entries stay 0
+  weights[light] = 0.1 / len(light)
+  u = jax.random.uniform(jax.random.key(0), (draws, 2))
+  idx = np.asarray(SM.sample_from_weights(jnp.broadcast_to(jnp.asarray(weights), (draws, n_vocab)), u))
+  assert (weights[idx] > 0).all()
+  freq = np.append(np.bincount(idx, minlength=n_vocab)[heavy] / draws, np.isin(idx, light).mean())
+  ref = np.append(weights[heavy], weights[light].sum()) / weights.sum()
+  assert 0.5 * np.abs(freq - ref).sum() < 0.015, (freq, ref)
+  edges = jnp.asarray([[0.0, 0.0], [np.nextafter(1, 0, dtype=np.float32)] * 2], jnp.float32)
+  first_last = np.asarray(SM.sample_from_weights(jnp.broadcast_to(jnp.asarray(weights), (2, n_vocab)), edges))
+  assert first_last.tolist() == [0, 699]
+
+
+def test_greedy_choice_and_logprob():
+  logits = jnp.asarray([[0.5, 3.0, 3.0, -1.0], [2.0, 0.0, 1.0, 1.9]], jnp.float32)
+  tokens, logp = SM.choose_tokens(logits, SM.row_keys(jax.random.key(0), 2), 0,
+                                  SM.SamplingConfig(temperature=0.0, max_new_tokens=1))
+  assert np.asarray(tokens).tolist() == [1, 0]  # lowest id on ties, like argmax
+  np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(logits))[[0, 1], [1, 0]], rtol=1e-6)
+
+
 def test_model_samples_follow_prefill_distribution(model):
   """2,000 one-token samples of one prompt (group sharing) vs softmax of the full forward's logits."""
   batch = make_prompts(1, rows=[[("text", 5), ("video", (2, 4, 4)), ("text", 3)]])
@@ -195,6 +285,8 @@ def test_bad_inputs_raise_named_errors(model):
               config=config)
   with pytest.raises(SM.SamplingError, match="top_p"):
     SM.SamplingConfig(top_p=0.0)
+  with pytest.raises(SM.SamplingError, match="nucleus_candidates"):
+    SM.SamplingConfig(top_p=0.9, nucleus_candidates=(256, 64))
   with pytest.raises(SM.SamplingError, match="group_size"):
     SM.sample(model, batch, key=jax.random.key(0), config=config, group_size=0)
 

@@ -54,6 +54,10 @@ class SamplingConfig:
   eos_ids: a row stops after emitting any of these (the EOS counts in its length).
   pad_id: written after a row's EOS and for rows that generate nothing.
   cache_dtype: KV-cache dtype name ("bfloat16", "float32"); None = the model's compute dtype.
+  nucleus_candidates: for top-p without top-k, the candidate-set sizes tried in order: the nucleus is computed
+    within the K most likely tokens (exact: their probabilities use the full normaliser) when they hold top_p
+    of the mass in every row, else the next K, else a sort of the whole vocabulary (flat distributions only;
+    338 ms at [8, 151936] on 2 CPU cores vs 1.5 ms for K = 64). Any value samples the same distribution.
   """
   temperature: float = 1.0
   top_p: float = 1.0
@@ -62,9 +66,14 @@ class SamplingConfig:
   eos_ids: tuple[int, ...] = (151645, 151643)
   pad_id: int = 151643
   cache_dtype: str | None = None
+  nucleus_candidates: tuple[int, ...] = (64, 1024)
 
   def __post_init__(self):
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+    object.__setattr__(self, "nucleus_candidates", tuple(int(k) for k in self.nucleus_candidates))
+    ks = self.nucleus_candidates
+    if any(k <= 0 for k in ks) or list(ks) != sorted(set(ks)):
+      raise SamplingError(f"SamplingConfig.nucleus_candidates must be increasing positive sizes, got {ks}")
     if self.temperature < 0:
       raise SamplingError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
@@ -105,43 +114,119 @@ class SampleOutput:
 
 
 # ---- token choice (pure) --------------------------------------------------------------------------------
+#
+# Every sampled path draws its token by inverse-CDF sampling with two uniforms per row: the weights (the
+# kept probabilities, unnormalised) are cut into blocks, u0 picks a block by its mass, u1 a token inside it.
+# Two levels keep the fp32 cumulative sums short (precise for a 151,936-token vocabulary), it needs two random
+# numbers per row instead of one Gumbel per vocabulary entry (33 ms vs 1 ms at [8, 151936] on 2 CPU cores),
+# and it makes the draw depend only on the kept weights in order: the top-p fast path over K candidates and
+# the full-sort fallback pick the same token for the same key whenever the nucleus fits in K.
 
-def filter_logits(logits: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array | None]:
-  """Temperature, top-k and top-p applied to `[N, V]` fp32 logits.
+_CDF_BLOCK = 128
 
-  Returns (candidate logits `[N, K]` with removed entries at -inf, their vocab ids `[N, K]`), or
-  (`[N, V]` scaled logits, None) when neither top-k nor top-p is active (ids = positions).
+
+def _first_above(weights: jax.Array, u: jax.Array) -> jax.Array:
+  """Index i with cumsum[i-1] <= u * total < cumsum[i] for `[N, n]` weights >= 0 and `[N]` u in [0, 1)."""
+  cum = jnp.cumsum(weights, axis=-1)
+  total = cum[:, -1:]
+  # u * total may round up to total; stay strictly below it so a zero-weight entry is never chosen.
+  target = jnp.minimum(u[:, None] * total, jnp.nextafter(total, jnp.zeros_like(total)))
+  return jnp.sum(cum <= target, axis=-1).astype(jnp.int32)
+
+
+def sample_from_weights(weights: jax.Array, u: jax.Array) -> jax.Array:
+  """Index drawn with probability weights / sum(weights) per row.
+
+  Args:
+    weights: `[N, n]` fp32 >= 0, a positive sum per row (e.g. kept probabilities, not renormalised).
+    u: `[N, 2]` uniforms in [0, 1): column 0 picks a block of `_CDF_BLOCK` entries, column 1 the entry.
+
+  Returns:
+    `[N]` int32 indices into the last axis.
   """
-  scaled = logits / config.temperature
-  if config.top_k == 0 and config.top_p >= 1.0:
-    return scaled, None
+  n = weights.shape[-1]
+  if n <= _CDF_BLOCK:
+    return _first_above(weights, u[:, 1])
+  blocks = -(-n // _CDF_BLOCK)
+  padded = jnp.pad(weights, ((0, 0), (0, blocks * _CDF_BLOCK - n))).reshape(-1, blocks, _CDF_BLOCK)
+  block = _first_above(jnp.sum(padded, axis=-1), u[:, 0])
+  inner = jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0]
+  return block * _CDF_BLOCK + _first_above(inner, u[:, 1])
+
+
+def _nucleus(cand: jax.Array, lse: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
+  """Kept probabilities of descending candidates `[N, K]` under the full log-normaliser `lse` `[N]`.
+
+  A candidate is kept while the mass of the strictly more likely ones is below top_p (the first always is).
+  Returns (weights `[N, K]`, zero where dropped; covered `[N]`: the K candidates hold >= top_p of the mass,
+  so no token outside them can be in the nucleus -- computed from the same cumulative sum, so the claim and
+  the kept set agree bit for bit).
+  """
+  probs = jnp.exp(cand - lse[:, None])
+  cum = jnp.cumsum(probs, axis=-1)
+  return jnp.where(cum - probs < top_p, probs, 0.0), cum[:, -1] >= top_p
+
+
+def _top_p_choice(scaled: jax.Array, lse: jax.Array, u: jax.Array, top_p: float,
+                  candidates: tuple[int, ...]) -> jax.Array:
+  """Top-p token `[N]` without sorting the vocabulary when the nucleus is small.
+
+  Tries the top-K candidates for each K in `candidates`; the first K whose candidates cover top_p in every
+  row decides (a scalar `lax.cond`, so only the chosen branch runs); if none does, the full sort (flat
+  distributions only). Every branch gives the same token for the same u: the kept weights in descending
+  order are the same whenever the nucleus fits.
+  """
   vocab = scaled.shape[-1]
-  k = vocab if config.top_k == 0 else min(config.top_k, vocab)
-  # top_k with k = V is a full descending sort; a small k avoids sorting the whole vocabulary.
-  cand, ids = jax.lax.top_k(scaled, k)
-  if config.top_p < 1.0:
-    probs = jax.nn.softmax(cand, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
-    cand = jnp.where(mass_before < config.top_p, cand, -jnp.inf)
-  return cand, ids
+  ks = [k for k in candidates if k < vocab]
+  if not ks:
+    cand, ids = jax.lax.top_k(scaled, vocab)
+    weights, _ = _nucleus(cand, lse, top_p)
+    return jnp.take_along_axis(ids, sample_from_weights(weights, u)[:, None], axis=-1)[:, 0]
+  cand, ids = jax.lax.top_k(scaled, ks[0])
+  weights, covered = _nucleus(cand, lse, top_p)
+
+  def fast(operands):
+    weights, ids = operands
+    return jnp.take_along_axis(ids, sample_from_weights(weights, u)[:, None], axis=-1)[:, 0]
+
+  def wider(_):
+    return _top_p_choice(scaled, lse, u, top_p, tuple(ks[1:]))
+
+  return jax.lax.cond(jnp.all(covered), fast, wider, (weights, ids))
 
 
 def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, config: SamplingConfig):
   """Next tokens for `[N, V]` logits with per-row keys `[N]` at decode step `step`.
 
-  Returns (tokens `[N]` int32, log p(token) `[N]` fp32 under softmax(logits / temperature)).
+  Greedy: the most likely token (lowest id on ties). Otherwise a draw from softmax(logits / temperature)
+  restricted to the top_k most likely, then to the nucleus of top_p of the (top-k renormalised) mass.
+  Row r's draw uses the uniforms of fold_in(row_keys[r], step).
+
+  Returns (tokens `[N]` int32, log p(token) `[N]` fp32 under softmax(logits / temperature), untruncated).
   """
   logits = logits.astype(jnp.float32)
   if config.greedy:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    # top_k(., 1) is argmax with the same tie rule, and 6x faster than XLA:CPU's argmax at V = 151,936.
+    best, tokens = jax.lax.top_k(logits, 1)
+    return tokens[:, 0], best[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+  scaled = logits / config.temperature
+  lse = jax.nn.logsumexp(scaled, axis=-1)
+  keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys)
+  vocab = scaled.shape[-1]
+  if config.top_k:
+    cand, ids = jax.lax.top_k(scaled, min(config.top_k, vocab))
+    # top-p acts on the renormalised top-k distribution (as in transformers): its own normaliser.
+    cand_lse = jax.nn.logsumexp(cand, axis=-1)
+    weights = (_nucleus(cand, cand_lse, config.top_p)[0] if config.top_p < 1.0 else
+               jnp.exp(cand - cand_lse[:, None]))
+    tokens = jnp.take_along_axis(ids, sample_from_weights(weights, u)[:, None], axis=-1)[:, 0]
+  elif config.top_p < 1.0:
+    tokens = _top_p_choice(scaled, lse, u, config.top_p, config.nucleus_candidates)
   else:
-    cand, ids = filter_logits(logits, config)
-    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-    pick = jax.vmap(jax.random.categorical)(keys, cand)
-    tokens = (pick if ids is None else jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]).astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits / config.temperature, axis=-1)
-  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    tokens = sample_from_weights(jnp.exp(scaled - lse[:, None]), u)
+  tokens = tokens.astype(jnp.int32)
+  return tokens, jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - lse
 
 
 def row_keys(key: jax.Array, num_rows: int) -> jax.Array:
