@@ -50,6 +50,7 @@ def base_config() -> config_dict.ConfigDict:
   c.data.vision_capacity = 4096         # P: patch slots per row (multiple of the window size in patches)
   c.data.pack_bins = 8                  # rows the greedy packer keeps open
   c.data.overlong = "truncate"
+  c.data.on_bad_sample = "skip"         # bad record/video: "skip" (counted in metrics) or "raise" (BadSampleError)
   c.data.shuffle = True
   c.data.num_workers = 0                # grain worker processes (0 = in-process)
   c.data.prefetch = 2
