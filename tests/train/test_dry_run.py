@@ -1,4 +1,5 @@
 """Dry run: AOT compile for TPU topologies from this CPU-only process, memory/FLOPs table, DoesNotFit."""
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,6 +190,70 @@ def test_scanned_layers_are_costed_at_their_trip_count():
   slow = dr.dry_run(scanned_layers, layer_args, topology="v5p:2x2x1", flops_split=split,
                     unroll_limit_s=0.0)
   assert slow.cost_source == "the compiled step" and slow.loop_scale == scaled.loop_scale
+  marginal = dr.dry_run(scanned_layers, layer_args, topology="v5p:2x2x1", flops_split=split,
+                        loop_cost="marginal")
+  assert marginal.cost_source.startswith("the step + one more body per scan group") and marginal.loop_scale == 1
+  assert marginal.compiler_flops == pytest.approx(flat.compiler_flops, rel=0.02)
+
+
+def nested_step(ws, vs, x):
+  """grad of: a remat'd scan of 3 blocks, each a scan of 4 layers, then a scan of 5 other layers."""
+  def block(h, w4):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, w4)[0], None
+
+  def loss(ws, vs, x):
+    h = jax.lax.scan(jax.checkpoint(block), x, ws)[0]
+    h = jax.lax.scan(lambda h, v: (jnp.sin(h @ v), None), h, vs)[0]
+    return jnp.mean(jnp.square(h.astype(jnp.float32)))
+
+  return jax.value_and_grad(loss, argnums=(0, 1))(ws, vs, x)
+
+
+def nested_args(mesh, width=512, rows=1024):
+  rep = NamedSharding(mesh, P())
+  return (jax.ShapeDtypeStruct((3, 4, width, width), jnp.bfloat16, sharding=rep),
+          jax.ShapeDtypeStruct((5, width, width), jnp.bfloat16, sharding=rep),
+          jax.ShapeDtypeStruct((rows, width), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp"))))
+
+
+def test_scan_groups_by_nesting_and_trip_count():
+  mesh = dr.make_dry_run_mesh(None, {"fsdp": -1})
+  groups = {(g.enclosing, g.length): g.count for g in dr.scan_groups(nested_step, nested_args(mesh), mesh)}
+  # Forward + backward of each; the inner layers also in the remat recomputation.
+  assert groups == {((), 3): 2, ((), 5): 2, ((3,), 4): 3}, groups
+  only_inner = dr.unroll_scans(nested_step, 2, select=lambda enclosing, length: enclosing == (3,))
+  args = [np.ones(a.shape, np.float32) for a in nested_args(mesh, width=8, rows=8)]
+  hlo = jax.jit(only_inner).lower(*args).as_text("hlo")
+  assert " while(" in hlo  # the outer loops stay
+  want = nested_step(*args)
+  got = only_inner(*args)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_marginal_loop_cost_matches_the_unrolled_step():
+  # Nested scans with remat: the marginal cost of one more body per group, solved innermost
+  # first, gives the FLOPs of the fully unrolled step, recomputation included, and the time at
+  # the rate the cost model gives looped bodies (lower than for the same ops unrolled).
+  args = functools.partial(nested_args, width=2048, rows=8192)
+  exact = dr.dry_run(nested_step, args, topology="v5p:2x2x1", loop_cost="unroll", name="nested")
+  marginal = dr.dry_run(nested_step, args, topology="v5p:2x2x1", loop_cost="marginal",
+                        name="nested", scan_names={4: "inner layers", 5: "other layers"})
+  once = dr.dry_run(nested_step, args, topology="v5p:2x2x1", loop_cost="once", name="nested")
+  assert marginal.compiler_flops == pytest.approx(exact.compiler_flops, rel=0.03)
+  assert marginal.compiler_flops > 8 * once.compiler_flops
+  looped_rate = once.compiler_flops / once.compiler_seconds
+  assert marginal.compiler_flops / marginal.compiler_seconds == pytest.approx(looped_rate, rel=0.25)
+  assert exact.compiler_seconds < marginal.compiler_seconds
+  labels = [label for label, _, _ in marginal.breakdown]
+  assert "inner layers (3 loops x 4 in 3)" in labels and "other layers (2 loops x 5)" in labels, labels
+  assert sum(s for _, s, _ in marginal.breakdown) == pytest.approx(marginal.compiler_seconds, rel=1e-9)
+  assert sum(f for _, _, f in marginal.breakdown) == pytest.approx(marginal.compiler_flops, rel=1e-9)
+  # The inner layers hold most of the matmuls: 12 forward (+ 12 recomputed) vs 5 other layers.
+  by_label = {label: flops for label, _, flops in marginal.breakdown}
+  assert by_label["inner layers (3 loops x 4 in 3)"] > 2 * by_label["other layers (2 loops x 5)"]
+  table = dr.format_report(marginal)
+  assert "where the time goes" in table and "inner layers" in table
 
 
 def test_impossible_config_fails_cleanly_in_the_compiler():

@@ -20,8 +20,11 @@ Caveats the table states when they apply:
   loops: for a 28-layer scanned decoder it sees about 1/28 of the work. The dry run
   compiles the step again with every scan unrolled, for the cost only, when the step
   compiled within `unroll_limit_s`; past that (a 7B step) it scales the compiler's time
-  by analytic / counted FLOPs, a rough figure (`loop_cost`). Memory always comes from the
-  real, looped step.
+  by analytic / counted FLOPs, a rough figure that leaves out remat recomputation.
+  `loop_cost="marginal"` instead measures what ONE more body of each group of scans costs
+  (a compile with that group unrolled by 2) and adds it for every trip: recomputation
+  counted, and the time per group printed ("where the time goes"). Memory always comes
+  from the real, looped step.
 - 'optimal_seconds' is a roofline-style estimate, so the MFU it implies is an upper bound.
 """
 from __future__ import annotations
@@ -103,6 +106,9 @@ class DryRunReport:
   kernel_efficiency: float
   compile_seconds: float               # of the step itself
   notes: tuple[str, ...] = ()
+  # loop_cost="marginal": (label, seconds, compiler FLOPs) per device for each group of scans at
+  # its trip count and for everything outside loops; the seconds sum to compiler_seconds.
+  breakdown: tuple[tuple[str, float, float], ...] = ()
 
   @property
   def hbm_budget(self) -> int | None:
@@ -336,7 +342,7 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
             donate_argnums: int | Sequence[int] = (),
             kernel_flops_keys: Sequence[str] | None = None, kernel_efficiency: float = 1.0,
             peak_flops_per_device: float | None = None, loop_cost: str = "auto",
-            unroll_limit_s: float = 60.0,
+            unroll_limit_s: float = 60.0, scan_names: Mapping[int, str] | None = None,
             check_fit: bool = True) -> DryRunReport:
   """Lowers and compiles `step_fn(*args)` for a topology and reports memory, FLOPs, time.
 
@@ -353,16 +359,23 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
     cost model); None = ('attention',) when the program holds Mosaic kernels.
   loop_cost: how to count scanned (while-loop) work, which XLA's cost model sees once:
     'unroll' compiles the step again with every scan unrolled, for the cost only (exact;
-    a 7B step needs more time and RAM than a small machine has); 'scale' multiplies the
-    compiler's time by analytic / compiler FLOPs (no extra compile; rough: the cost model
-    prices a looped body differently from the same ops unrolled, and outside-loop work
-    is scaled too); 'once' reports the compiler's numbers as they are; 'auto' = 'unroll'
-    when the step compiled within `unroll_limit_s`, else 'scale'.
+    a 7B step needs more time and RAM than a small machine has); 'marginal' compiles it
+    once more per group of scans (same trip count and nesting) with that group unrolled
+    by 2, takes the extra cost as one body's and adds it for every trip (counts remat
+    recomputation; reports the time per group in `breakdown`); 'scale' multiplies the
+    compiler's time by analytic / compiler FLOPs (no extra compile; rough: recomputation
+    is not counted, outside-loop work is scaled too); 'once' reports the compiler's
+    numbers as they are; 'auto' = 'unroll' when the step compiled within
+    `unroll_limit_s`, else 'scale'. The cost model prices a body inside a loop lower than
+    the same ops unrolled (about 31% vs 57% of peak for bf16 matmul layers of 2048 on
+    v5p), so 'marginal' and 'scale' give the looped program's rate, 'unroll' the
+    straight-line one's.
+  scan_names: {trip count: label} for the breakdown, e.g. {28: 'decoder layers'}.
   Raises DoesNotFit when the step needs more than hbm_fraction x usable HBM per device
   (check_fit=False returns the report instead), DryRunError when it cannot be set up.
   """
-  if loop_cost not in ("auto", "unroll", "scale", "once"):
-    raise DryRunError(f"loop_cost={loop_cost!r}; expected auto, unroll, scale or once")
+  if loop_cost not in LOOP_COSTS:
+    raise DryRunError(f"loop_cost={loop_cost!r}; expected one of {', '.join(LOOP_COSTS)}")
   given_mesh = mesh is not None
   if mesh is None:
     mesh = make_dry_run_mesh(topology, mesh_shape)
@@ -427,7 +440,8 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   seen = sum(v for k, v in split.items() if k not in kernel_flops_keys) / len(devices)
   if while_loops and loop_cost == "auto":
     # A fully unrolled 7B step takes the compiler many times the time and memory of the
-    # looped one (over 10 GB of RAM and 25 min on 2 cores): past a minute of compile, scale.
+    # looped one (over 10 GB of RAM and 25 min on 2 cores): past a minute of compile, scale
+    # (no extra compile; 'marginal' costs one more compile per group of scans).
     loop_cost = "unroll" if compile_seconds <= unroll_limit_s else "scale"
 
   if while_loops and loop_cost == "unroll":
@@ -448,6 +462,23 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
       loop_cost = "scale"
       notes.append("the fully unrolled step does not fit in HBM; its time is scaled instead")
 
+  if while_loops and loop_cost == "marginal":
+    start = time.perf_counter()
+    result = _marginal_cost(jitted, abstract_args, mesh, name, target, report, peak_flops_per_device,
+                            bandwidth, scan_names or {})
+    if result is None:
+      loop_cost = "scale"
+      notes.append("no scan's extra body could be costed (see the loop groups); time scaled instead")
+    else:
+      flops, seconds, breakdown, groups, rl = result
+      roofline |= rl
+      report = dataclasses.replace(
+          report, compiler_flops=flops, compiler_seconds=seconds, breakdown=breakdown,
+          cost_source=f"the step + one more body per scan group ({groups} compiles, "
+                      f"{time.perf_counter() - start:.0f} s)")
+      notes.append("scanned work costed at its trip count from the marginal cost of one more body "
+                   "per group of scans (remat recomputation included)")
+
   if while_loops and loop_cost == "scale":
     if seen and compiler_flops and compiler_seconds is not None:
       scale = max(1.0, seen / compiler_flops)
@@ -467,6 +498,130 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   elif report.compiler_seconds is not None:
     notes.append("'optimal_seconds' is the compiler's roofline estimate: MFU is an upper bound")
   return dataclasses.replace(report, notes=tuple(notes))
+
+
+LOOP_COSTS = ("auto", "unroll", "marginal", "scale", "once")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanGroup:
+  """Scans of one trip count at one nesting (`enclosing`: the trip counts of the scans around
+  them, outermost first). Each body runs prod(enclosing) x length times per step."""
+  enclosing: tuple[int, ...]
+  length: int
+  count: int       # scans in the group (e.g. a layer stack's forward and backward)
+  unroll: int      # their unroll setting as traced
+
+  @property
+  def trips(self) -> int:
+    return math.prod(self.enclosing) * self.length
+
+  def contains(self, other: ScanGroup) -> bool:
+    """Whether `other`'s scans run inside this group's bodies."""
+    inner = self.enclosing + (self.length,)
+    return other.enclosing[:len(inner)] == inner
+
+
+def _scan_sites(jaxpr, enclosing: tuple[int, ...], out: list) -> None:
+  for eqn in jaxpr.eqns:
+    inner = enclosing
+    if eqn.primitive.name == "scan":
+      length = int(eqn.params["length"])
+      out.append((enclosing, length, int(eqn.params.get("unroll", 1))))
+      inner = enclosing + (length,)
+    for value in eqn.params.values():
+      for sub in (value if type(value) in (tuple, list) else (value,)):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          _scan_sites(sub.jaxpr, inner, out)
+        elif isinstance(sub, jcore.Jaxpr):
+          _scan_sites(sub, inner, out)
+
+
+def scan_groups(fn: Callable, abstract_args, mesh: Mesh | None = None) -> list[ScanGroup]:
+  """The groups of `lax.scan`s in `fn(*abstract_args)` (forward and backward), by nesting and
+  trip count, outermost first."""
+  with (jax.set_mesh(mesh) if mesh is not None else _nullcontext()):
+    closed = jax.make_jaxpr(fn)(*abstract_args)
+  sites: list = []
+  _scan_sites(closed.jaxpr, (), sites)
+  groups: dict[tuple, list[int]] = {}
+  for enclosing, length, unroll in sites:
+    groups.setdefault((enclosing, length), []).append(unroll)
+  return sorted((ScanGroup(enc, n, len(u), u[0]) for (enc, n), u in groups.items()),
+                key=lambda g: (len(g.enclosing), g.enclosing, -g.length))
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _bodies_counted(length: int, unroll: int) -> int:
+  """Copies of a scan body in its lowering (as jax lowers `unroll`): a loop of `unroll`
+  bodies plus the remainder unrolled, or all of them when that leaves at most one trip."""
+  if unroll == 0 or length <= unroll or (length // unroll == 1 and length % unroll == 0):
+    return length
+  return unroll + length % unroll
+
+
+def _group_label(group: ScanGroup, names: Mapping[int, str]) -> str:
+  label = names.get(group.length, f"scans of {group.length}")
+  where = f" in {' x '.join(map(str, group.enclosing))}" if group.enclosing else ""
+  return f"{label} ({group.count} loop{'s' if group.count > 1 else ''} x {group.length}{where})"
+
+
+def _marginal_cost(jitted, abstract_args, mesh, name, target, report: DryRunReport, peak, bandwidth,
+                   names: Mapping[int, str]):
+  """(FLOPs, seconds, breakdown, compiles, roofline) per device with every scan group's bodies
+  counted at their trip count, or None when no group could be costed.
+
+  For a group g, unrolling its scans by 2 adds c = bodies_counted(n, 2) - bodies_counted(n, 1)
+  copies of each body, nested scans included (as loops, counted once each), so
+  delta_g / c = B_g + sum of B_d over the groups d inside g: solved innermost first for B_g,
+  the cost of one body of each scan in g. The step then costs
+  base + sum_g (trips_g - 1) * B_g, and base - sum_g B_g is outside every loop.
+  """
+  base_flops, base_seconds = report.compiler_flops, report.compiler_seconds
+  if base_flops is None or base_seconds is None:
+    return None
+  groups = [g for g in scan_groups(jitted, abstract_args, mesh) if g.length >= 2 and g.unroll == 1]
+  if not groups:
+    return None
+  per_body: dict[ScanGroup, tuple[float, float]] = {}
+  deltas = {}
+  roofline = False
+  for group in groups:
+    key = (group.enclosing, group.length)
+    fn = unroll_scans(jitted, 2, select=lambda enclosing, length, key=key: (enclosing, length) == key)
+    try:
+      compiled = _compile(jax.jit(fn), abstract_args, mesh, name, target)
+    except DoesNotFit:
+      continue  # its unrolled copy outgrows HBM: left counted once
+    flops, seconds, rl = _cost(compiled, peak, bandwidth)
+    if flops is None or seconds is None:
+      continue
+    roofline |= rl
+    extra = _bodies_counted(group.length, 2) - _bodies_counted(group.length, 1)
+    deltas[group] = ((flops - base_flops) / extra, (seconds - base_seconds) / extra)
+  if not deltas:
+    return None
+  for group in sorted(deltas, key=lambda g: -len(g.enclosing)):  # innermost first
+    flops, seconds = deltas[group]
+    for inner, (f_in, s_in) in per_body.items():
+      if group.contains(inner):
+        flops, seconds = flops - f_in, seconds - s_in
+    per_body[group] = (flops, seconds)
+  total_flops = base_flops + sum((g.trips - 1) * f for g, (f, _) in per_body.items())
+  total_seconds = base_seconds + sum((g.trips - 1) * t for g, (_, t) in per_body.items())
+  breakdown = [(_group_label(g, names), g.trips * t, g.trips * f)
+               for g, (f, t) in sorted(per_body.items(), key=lambda kv: -kv[0].trips * kv[1][1])]
+  breakdown.append(("outside loops (optimiser, loss, embeddings, ...)",
+                    base_seconds - sum(t for _, t in per_body.values()),
+                    base_flops - sum(f for f, _ in per_body.values())))
+  return total_flops, total_seconds, tuple(breakdown), len(deltas), roofline
 
 
 def _compile(jitted, abstract_args, mesh: Mesh, name: str, target: str):
@@ -504,21 +659,23 @@ def _cost(compiled, peak_flops: float | None, bandwidth: float | None):
 # ----------------------------------------------------------------------------- scans
 
 
-def _unroll_param(value, factor):
+def _unroll_param(value, factor, enclosing, select):
   if isinstance(value, jcore.ClosedJaxpr):
-    return jcore.ClosedJaxpr(_unroll_jaxpr(value.jaxpr, factor), value.consts)
+    return jcore.ClosedJaxpr(_unroll_jaxpr(value.jaxpr, factor, enclosing, select), value.consts)
   if isinstance(value, jcore.Jaxpr):
-    return _unroll_jaxpr(value, factor)
+    return _unroll_jaxpr(value, factor, enclosing, select)
   if type(value) in (tuple, list):  # not NamedTuples (e.g. gather dimension numbers)
-    return type(value)(_unroll_param(v, factor) for v in value)
+    return type(value)(_unroll_param(v, factor, enclosing, select) for v in value)
   return value
 
 
-def _unroll_jaxpr(jaxpr, factor):
+def _unroll_jaxpr(jaxpr, factor, enclosing=(), select=None):
   eqns = []
   for eqn in jaxpr.eqns:
-    params = {key: _unroll_param(value, factor) for key, value in eqn.params.items()}
-    if eqn.primitive.name == "scan":
+    is_scan = eqn.primitive.name == "scan"
+    inner = enclosing + (int(eqn.params["length"]),) if is_scan else enclosing
+    params = {key: _unroll_param(value, factor, inner, select) for key, value in eqn.params.items()}
+    if is_scan and (select is None or select(enclosing, int(params["length"]))):
       length = max(int(params["length"]), 1)
       # unroll == length leaves no loop at all; a smaller factor keeps a loop of
       # length // factor trips with `factor` bodies each (+ the remainder unrolled).
@@ -527,15 +684,18 @@ def _unroll_jaxpr(jaxpr, factor):
   return jaxpr.replace(eqns=eqns)
 
 
-def unroll_scans(fn: Callable, factor: int | None = None) -> Callable:
+def unroll_scans(fn: Callable, factor: int | None = None,
+                 select: Callable[[tuple[int, ...], int], bool] | None = None) -> Callable:
   """`fn` with every `lax.scan` in it (nested in jit/remat/shard_map too) unrolled.
 
   factor None: fully (no scan loop is left); an int: that many iterations per loop trip.
-  Same values. Used for the cost model, which counts a while-loop body once.
+  select(enclosing, length): unroll only the scans it accepts (`enclosing`: trip counts of
+  the scans around one, outermost first); None = all. Same values. Used for the cost
+  model, which counts a while-loop body once.
   """
   def unrolled(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    outs = jax.core.eval_jaxpr(_unroll_jaxpr(closed.jaxpr, factor), closed.consts,
+    outs = jax.core.eval_jaxpr(_unroll_jaxpr(closed.jaxpr, factor, (), select), closed.consts,
                                *jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
@@ -604,6 +764,11 @@ def format_report(report: DryRunReport) -> str:
     lines.append(f"  estimated step time  {r.step_seconds * 1e3:.2f} ms{extra}")
   else:
     lines.append("  estimated step time  n/a (no 'optimal_seconds' from this backend)")
+  if r.breakdown:
+    lines.append(f"  {'where the time goes':<52}{'ms':>9}{'share':>8}{'TFLOP':>9}")
+    for label, seconds, flops in r.breakdown:
+      share = seconds / r.compiler_seconds if r.compiler_seconds else 0.0
+      lines.append(f"    {label:<50}{seconds * 1e3:>9.2f}{share:>8.1%}{flops / 1e12:>9.2f}")
   if r.peak_flops_per_device:
     mfu = f"{r.mfu:.1%}" if r.mfu is not None else "n/a"
     lines.append(f"  MFU                  {mfu} of {r.peak_flops_per_device / 1e12:.1f} "

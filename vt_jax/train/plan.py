@@ -53,6 +53,7 @@ class PlannedStep:
   fn: Callable          # jax.jit-wrapped (shardings and donation set)
   args: tuple
   flops_split: dict[str, float]
+  scan_names: dict[int, str] = dataclasses.field(default_factory=dict)  # trip count -> label (breakdown)
 
 
 # ---- abstract state ---------------------------------------------------------------------------------------
@@ -201,6 +202,24 @@ def flops_split(model_cfg, segment_ids: np.ndarray | None, window_ids: np.ndarra
   return {k: v for k, v in split.items() if v}
 
 
+def scan_names(config, model_cfg, microbatches: int = 1, chunks: int | None = None) -> dict[int, str]:
+  """{trip count: what the scans of that length are} for the dry run's time breakdown."""
+  from vt_jax.model.vision import parse_max_group_windows  # pylint: disable=g-import-not-at-top
+  v = model_cfg.vision
+  names: dict[int, list[str]] = {}
+  add = lambda n, label: names.setdefault(int(n), []).append(label) if n and n > 1 else None
+  add(model_cfg.text.num_hidden_layers, "decoder layers")
+  add(v.depth, "vision blocks")
+  add(microbatches, "microbatches")
+  add(chunks, "LM-head chunks")
+  g = parse_max_group_windows(config.model.get("max_group_windows", "auto"), v)
+  capacity = int(config.data.vision_capacity)
+  if g is not None and g < capacity // v.window_patches:
+    # group_attention's exact fallback (lax.cond): query chunks of G windows, never run on fitting videos.
+    add(-(-capacity // (g * v.window_patches)), "dense-fallback query chunks")
+  return {n: " / ".join(labels) for n, labels in names.items()}
+
+
 # ---- SFT --------------------------------------------------------------------------------------------------
 
 def _check_batch(config, mesh: Mesh, rows: int, microbatches: int, what: str) -> None:
@@ -234,7 +253,9 @@ def plan_sft(config, mesh: Mesh) -> list[PlannedStep]:
   split = flops_split(mc, np.ones((rows, length), np.int32), np.tile(window, (rows, 1)),
                       np.tile(group, (rows, 1)), text_passes=3,
                       vision_passes=1 if freeze.get("vision") and freeze.get("merger") else 3)
-  return [PlannedStep("sft_step", jitted, (state, batch), split)]
+  chunk = int(config.train.get("logprob_chunk", 0) or 0)
+  chunks = -(-length // chunk) if chunk else None
+  return [PlannedStep("sft_step", jitted, (state, batch), split, scan_names(config, mc, micro, chunks))]
 
 
 # ---- GRPO -------------------------------------------------------------------------------------------------
@@ -285,7 +306,8 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
                                       keep_unused=True),
       (state, ref, prompts),
       flops_split(mc, np.ones((n_prompts, prompt_len), np.int32), np.tile(window, (n_prompts, 1)),
-                  np.tile(group_ids, (n_prompts, 1)), text_passes=1, vision_passes=1)))
+                  np.tile(group_ids, (n_prompts, 1)), text_passes=1, vision_passes=1),
+      scan_names(config, mc)))
 
   # One decode step of the sampler's loop over the B*G rows against the L + T cache.
   cache_abs = jax.eval_shape(
@@ -313,7 +335,7 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
       "grpo_rollout_decode_step", jax.jit(decode, in_shardings=_shardings(dec_args), donate_argnums=(3,),
                                           keep_unused=True),
       dec_args, flops_split(mc, np.ones((n_rows, 1), np.int32), None, None, text_passes=1, vision_passes=0,
-                            decode_keys=prompt_len + new)))
+                            decode_keys=prompt_len + new), scan_names(config, mc)))
 
   # Completion rows [prompt bucket | T completion slots] for the reference pass and the update.
   length = prompt_len + new
@@ -336,6 +358,8 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
     # Frozen towers: the rows carry the rollout's embeddings and no pass runs the vision tower.
     return (None, None) if task.vision_frozen else (np.tile(window, (n, 1)), np.tile(group_ids, (n, 1)))
 
+  chunks = -(-new // task.chunk_size) if task.chunk_size else None
+  names = scan_names(config, mc, 1, chunks)
   if ref is not None:
     lp_rows = s.logprob_batch or rows
     lp_shapes = {k: ((lp_rows,) + sh[1:] if k != "positions" else (3, lp_rows, length), dt)
@@ -354,7 +378,7 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
         jax.jit(reference_logprobs, in_shardings=(state_sh, ref_sh, _shardings(lp_batch)), keep_unused=True),
         (state, ref, lp_batch),
         flops_split(mc, np.ones((lp_rows, length), np.int32), *_tile_vision(lp_rows),
-                    text_passes=1, vision_passes=1)))
+                    text_passes=1, vision_passes=1), names))
 
   batch = abstract_batch(rshapes, mesh, rows)
   update = _train_step(task, graphdef, tx, schedule, state, micro)
@@ -368,7 +392,8 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
       jax.jit(update_step, in_shardings=(state_sh, _shardings(batch), ref_sh),
               out_shardings=(state_sh, replicated), donate_argnums=(0,), keep_unused=True),
       (state, batch, ref),
-      flops_split(mc, full, *_tile_vision(rows), text_passes=3, vision_passes=0 if task.vision_frozen else 3)))
+      flops_split(mc, full, *_tile_vision(rows), text_passes=3, vision_passes=0 if task.vision_frozen else 3),
+      scan_names(config, mc, micro, chunks)))
   return steps
 
 
@@ -402,7 +427,7 @@ def run_plan(config, topology: str | None = None, *, loop_cost: str = "auto", ou
   reports = []
   for step in steps:
     report = dr.dry_run(step.fn, step.args, mesh=mesh, topology=topology, flops_split=step.flops_split,
-                        name=step.name, loop_cost=loop_cost)
+                        name=step.name, loop_cost=loop_cost, scan_names=step.scan_names)
     print(dr.format_report(report) + "\n", file=out, flush=True)
     reports.append(report)
   return reports
