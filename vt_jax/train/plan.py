@@ -27,7 +27,7 @@ import dataclasses
 import inspect
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -414,9 +414,10 @@ def plan_steps(config, mesh: Mesh) -> list[PlannedStep]:
   return PLANNERS[task](config, mesh)
 
 
-def run_plan(config, topology: str | None = None, *, loop_cost: str = "auto", out=sys.stdout
-             ) -> list[dr.DryRunReport]:
-  """Dry-runs every step of the config; prints each table as it completes.
+def run_plan(config, topology: str | None = None, *, loop_cost: str = "auto", out=sys.stdout,
+             only: Sequence[str] | None = None) -> list[dr.DryRunReport]:
+  """Dry-runs every step of the config (or the steps named in `only`); prints each table as it
+  completes.
 
   Raises dr.DoesNotFit (the first step that does not fit; the tables before it are printed),
   PlanError / dr.DryRunError when the plan cannot be set up.
@@ -424,6 +425,11 @@ def run_plan(config, topology: str | None = None, *, loop_cost: str = "auto", ou
   mesh = dr.make_dry_run_mesh(topology, {k: int(config.mesh.get(k, 1)) for k in distributed.MESH_AXES})
   with config.unlocked() if hasattr(config, "unlocked") else _null():
     steps = plan_steps(config, mesh)
+  if only:
+    unknown = sorted(set(only) - {s.name for s in steps})
+    if unknown:
+      raise PlanError(f"no step named {unknown}; this config compiles {[s.name for s in steps]}")
+    steps = [s for s in steps if s.name in only]
   reports = []
   for step in steps:
     report = dr.dry_run(step.fn, step.args, mesh=mesh, topology=topology, flops_split=step.flops_split,
@@ -455,3 +461,46 @@ def main(config, topology: str | None = None, *, loop_cost: str = "auto") -> int
   names = ", ".join(r.name for r in reports)
   print(f"dry run: {names} fit on {reports[0].target}" if reports else "dry run: nothing to compile", flush=True)
   return 0
+
+
+# ---- `python -m vt_jax.train.plan`: the dry run with every costing option, tables as JSON too -------------
+
+def _cli(argv) -> int:
+  """`python -m vt_jax.train.plan --config=sft --topology=v5p-64 --loop_cost=marginal [--only=sft_step]
+  [--json=out.jsonl] [--config.a.b=...]`: the same plan as `python -m vt_jax.train --dry_run`, with
+  every `dry_run.LOOP_COSTS` choice ('marginal' prints where the time goes) and one JSON line per step
+  (`DryRunReport.to_dict()` + the config overrides) appended to --json."""
+  import json  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from vt_jax.train import __main__ as cli  # pylint: disable=g-import-not-at-top  # defines --config, --topology
+  del argv
+  config = cli._CONFIG.value  # pylint: disable=protected-access
+  if config is None:
+    print("error: --config is required", file=sys.stderr)
+    return EXIT_BAD_PLAN
+  try:
+    reports = run_plan(config, cli._TOPOLOGY.value, loop_cost=flags.FLAGS.loop_cost,  # pylint: disable=protected-access
+                       only=flags.FLAGS.only or None)
+  except dr.DoesNotFit as err:
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    return EXIT_DOES_NOT_FIT
+  except (PlanError, dr.DryRunError) as err:
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    return EXIT_BAD_PLAN
+  if flags.FLAGS.json:
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    with open(flags.FLAGS.json, "a", encoding="utf-8") as f:
+      for r in reports:
+        f.write(json.dumps({"overrides": overrides, "topology": cli._TOPOLOGY.value,  # pylint: disable=protected-access
+                            **r.to_dict()}, default=str) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app, flags as _flags  # pylint: disable=g-import-not-at-top
+  from vt_jax.train import __main__ as _cli_module  # pylint: disable=g-import-not-at-top
+  _flags.DEFINE_enum("loop_cost", "auto", list(dr.LOOP_COSTS), "How scanned layers are costed "
+                     "(vt_jax.train.dry_run.dry_run); 'marginal' adds the time per group of scans.")
+  _flags.DEFINE_list("only", [], "Compile only these steps (e.g. grpo_update_step).")
+  _flags.DEFINE_string("json", None, "Append one JSON line per step's report to this file.")
+  app.run(_cli, argv=_cli_module._rewrite_config_flag(sys.argv))  # pylint: disable=protected-access
