@@ -42,6 +42,65 @@ def test_gradients_match_full_logits():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_gradients_through_entropy_match_full_logits(vocab_major):
+  """The hand-written backward, log-probs and entropy both in the loss, temperature != 1, padded chunks."""
+  k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(4), 5)
+  hidden = jax.random.normal(k1, (2, 11, 8))
+  w = jax.random.normal(k2, (8, 40)) * 0.7
+  targets = jax.random.randint(k3, (2, 11), 0, 40)
+  a, b = jax.random.normal(k4, (2, 11)), jax.random.normal(k5, (2, 11))
+  head = (lambda w: w.T) if vocab_major else (lambda w: w)
+
+  def chunked(h, w):
+    logp, ent = token_logprobs(h, head(w), targets, chunk_size=4, vocab_major=vocab_major, temperature=0.6,
+                               return_entropy=True)
+    return jnp.sum(logp * a + ent * b)
+
+  def full(h, w):
+    logp, ent = _full(h, w, targets, 0.6)
+    return jnp.sum(logp * a + ent * b)
+
+  for got, want in zip(jax.jit(jax.grad(chunked, (0, 1)))(hidden, w), jax.grad(full, (0, 1))(hidden, w)):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_entropy_as_metric_leaves_gradients_unchanged():
+  """A stop-gradient entropy (GRPO's metric; a symbolic-zero cotangent for the backward) gives exactly the
+  gradient of the log-probs alone."""
+  k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+  hidden = jax.random.normal(k1, (2, 9, 8))
+  w = jax.random.normal(k2, (8, 30)) * 0.5
+  targets = jax.random.randint(k3, (2, 9), 0, 30)
+
+  def with_metric(h, w):
+    logp, ent = token_logprobs(h, w, targets, chunk_size=4, return_entropy=True)
+    return jnp.sum(logp), jax.lax.stop_gradient(ent)
+
+  def logp_only(h, w):
+    return jnp.sum(token_logprobs(h, w, targets, chunk_size=4)), None
+
+  got = jax.grad(with_metric, (0, 1), has_aux=True)(hidden, w)[0]
+  want = jax.grad(logp_only, (0, 1), has_aux=True)(hidden, w)[0]
+  ref = jax.grad(lambda h, w: jnp.sum(_full(h, w, targets)[0]), (0, 1))(hidden, w)
+  for g, x, r in zip(got, want, ref):
+    np.testing.assert_array_equal(g, x)
+    np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_bf16_gradients_close_to_fp32():
+  k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
+  hidden = jax.random.normal(k1, (1, 16, 32))
+  w = jax.random.normal(k2, (32, 64)) * 0.2
+  targets = jax.random.randint(k3, (1, 16), 0, 64)
+  loss = lambda h, w: jnp.sum(token_logprobs(h, w, targets, chunk_size=8))
+  got = jax.grad(loss, (0, 1))(hidden.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  want = jax.grad(lambda h, w: jnp.sum(_full(h, w, targets)[0]), (0, 1))(hidden, w)
+  for g, x in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), x, atol=3e-2 * float(jnp.abs(x).max()))
+
+
 def test_bf16_hidden_gives_fp32_logprobs():
   hidden = jax.random.normal(jax.random.key(2), (1, 6, 8)).astype(jnp.bfloat16)
   w = (jax.random.normal(jax.random.key(3), (8, 20)) * 0.5).astype(jnp.bfloat16)
@@ -60,5 +119,8 @@ def test_never_holds_full_fp32_logits():
   full_bytes = 512 * 8192 * 4
   fwd = jax.jit(lambda h, w, t: token_logprobs(h, w, t, chunk_size=32))
   bwd = jax.jit(jax.grad(lambda h, w, t: token_logprobs(h, w, t, chunk_size=32).sum(), (0, 1)))
+  bwd_ent = jax.jit(jax.grad(lambda h, w, t: sum(x.sum() for x in token_logprobs(h, w, t, chunk_size=32,
+                                                                                 return_entropy=True)), (0, 1)))
   assert fwd.lower(h, w, t).compile().memory_analysis().temp_size_in_bytes < full_bytes / 4
   assert bwd.lower(h, w, t).compile().memory_analysis().temp_size_in_bytes < full_bytes / 4
+  assert bwd_ent.lower(h, w, t).compile().memory_analysis().temp_size_in_bytes < full_bytes / 4
