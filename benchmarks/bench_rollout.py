@@ -4,11 +4,12 @@
     .venv/bin/python benchmarks/bench_rollout.py --quick    # ~2 min
 
 A batch of 8 prompts, each a 16-frame video + text, 256 new tokens per prompt, sampling at temperature
-1.0 (no top-k / top-p), on the "small" preset with the same random weights on both sides (made by
-transformers, imported by `hf_io.from_pretrained`). Every row generates exactly `--new_tokens` tokens:
-transformers with `min_new_tokens` (EOS suppressed), ours with an EOS id that never occurs -- so both do
-the same work. Ours: one jitted call (vision encode + prefill once, `lax.while_loop` decode on the KV
-cache), fp32 like the reference, and with bf16 weights + compute (how evaluation loads a model).
+1.0 (no top-k / top-p; `--temperature/--top_p/--top_k` change it on both sides, temperature 0 = greedy),
+on the "small" preset with the same random weights on both sides (made by transformers, imported by
+`hf_io.from_pretrained`). Every row generates exactly `--new_tokens` tokens: transformers with
+`min_new_tokens` (EOS suppressed), ours with an EOS id that never occurs -- so both do the same work.
+Ours: one jitted call (vision encode + prefill once, `lax.while_loop` decode on the KV cache), fp32 like
+the reference, and with bf16 weights + compute (how evaluation loads a model).
 Transformers: `generate(do_sample=True)` with its dynamic KV cache, fp32. Tokens/s counts generated
 tokens; the time includes the vision tower and the prefill on both sides.
 Writes benchmarks/results/bench_rollout.{json,md}.
@@ -36,6 +37,9 @@ def parse_args(argv=None):
   p.add_argument("--new_tokens", type=int, default=256)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--attn", default="sdpa")
+  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy on both sides")
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--out", default=BC.RESULTS)
   args = p.parse_args(argv)
   if args.quick:
@@ -66,8 +70,13 @@ def run(args) -> tuple[dict, list[str]]:
   prompts = packing.batch_prompts(samples, spec, length_buckets=[prompt_len], vision_buckets=[slots]).arrays
   device_prompts = {k: jnp.asarray(v) for k, v in prompts.items()}
   # EOS -1 never occurs: every row runs the full length, like min_new_tokens on the transformers side.
-  sconf = sampler.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, eos_ids=(-1,),
-                                 pad_id=config.pad_token_id)
+  sconf = sampler.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                 max_new_tokens=args.new_tokens, eos_ids=(-1,), pad_id=config.pad_token_id)
+  greedy = args.temperature == 0
+  hf_sampling = (dict(do_sample=False) if greedy else
+                 dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
+  sampling = ("greedy" if greedy else f"temperature {args.temperature}, top-k {args.top_k or 'off'}, "
+              f"top-p {args.top_p if args.top_p < 1 else 'off'}") + ", EOS disabled"
 
   with tempfile.TemporaryDirectory() as tmp:
     hf = BC.hf_model(config, tmp, attn=args.attn).eval()
@@ -93,8 +102,7 @@ def run(args) -> tuple[dict, list[str]]:
 
   def hf_fn():
     with torch.no_grad():
-      out = hf.generate(**hf_inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+      out = hf.generate(**hf_inputs, **hf_sampling, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                         pad_token_id=config.pad_token_id)
     generated[hf_name] = int((out.shape[1] - ids.shape[1]) * out.shape[0])
 
@@ -117,7 +125,7 @@ def run(args) -> tuple[dict, list[str]]:
       "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), BC.ROOT)] + sys.argv[1:]),
       "config": "small (text 512 x 8 layers, vocab 151936 tied; vision 8 x 256)",
       "prompts": args.prompts, "prompt_tokens": prompt_len, "video_grid_thw": list(grid),
-      "new_tokens": args.new_tokens, "sampling": "temperature 1.0, no top-k/top-p, EOS disabled",
+      "new_tokens": args.new_tokens, "sampling": sampling,
       "results": results,
       "speedup_fp32": BC.ratio(results["vt_jax fp32"]["tokens_per_s"], hf_tps),
       "speedup_bf16": BC.ratio(results["vt_jax bf16 weights + compute"]["tokens_per_s"], hf_tps),
@@ -125,7 +133,7 @@ def run(args) -> tuple[dict, list[str]]:
   }
   md = ["## Rollout generation: vt_jax sampler vs transformers generate (same CPU, same threads)", "",
         f"`{record['command']}` -- {record['config']}; {args.prompts} prompts of {prompt_len} tokens (video grid "
-        f"{grid}), {args.new_tokens} sampled tokens each. Load average at the end: {load}.", "",
+        f"{grid}), {args.new_tokens} new tokens each ({sampling}). Load average at the end: {load}.", "",
         "| implementation | median (s) | min (s) | generated tokens | tokens/s | first call (s, incl. compile) |",
         "|---|---|---|---|---|---|"]
   for name, r in results.items():
