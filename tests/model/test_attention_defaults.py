@@ -1,5 +1,6 @@
 """Default attention settings: `model.attention="auto"` (per backend, per call) and the vision tower's
 `max_group_windows` taken from the config through `Qwen25VL`."""
+import dataclasses
 import os
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only TPU tests, no chips to lock
@@ -122,3 +123,55 @@ def test_dry_run_plan_builds_the_model_with_the_config_setting():
   from vt_jax.train import trainer
   model = nnx.merge(graphdef, trainer.all_params(state), state.rest)
   assert model.visual.max_group_windows == 3
+
+
+def test_full_attention_period():
+  from vt_jax.model.vision import full_attention_period
+  assert full_attention_period(model_config.get_config("7b").vision) == 8  # blocks 7, 15, 23, 31 of 32
+  assert full_attention_period(TINY.vision) == 2                           # blocks 1, 3 of 4
+  irregular = dataclasses.replace(TINY.vision, fullatt_block_indexes=(0, 3))
+  assert full_attention_period(irregular) is None
+  assert full_attention_period(dataclasses.replace(TINY.vision, fullatt_block_indexes=())) is None
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_grouped_vision_schedule_equals_the_cond_scan(monkeypatch, remat):
+  # The tower runs regular full-attention layers as groups (scan of window blocks + one full block):
+  # same values and gradients as one scan with a lax.cond per block, and no cond left in the program.
+  from vt_jax.model import vision as vision_lib
+  v = TINY.vision
+  tower = vision_lib.VisionTower(v, rngs=nnx.Rngs(1), dtype=jnp.float32, remat=remat, max_group_windows=2)
+  lay = vision_layout.build_vision_layout([(4, 8, 8)], window_size=v.window_size, patch_size=v.patch_size,
+                                          spatial_merge_size=v.spatial_merge_size)
+  p = lay.window_ids.shape[0]
+  rng = np.random.default_rng(0)
+  args = (jnp.asarray(rng.normal(size=(1, p, v.patch_dim)), jnp.float32), jnp.asarray(lay.pos_hw)[None],
+          jnp.asarray(lay.window_ids)[None], jnp.asarray(lay.group_ids)[None])
+  graphdef, params = nnx.split(tower)
+
+  def loss(params, *a):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(*a)))
+
+  def conds(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "cond"
+      for value in eqn.params.values():
+        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            n += conds(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            n += conds(sub)
+    return n
+
+  grouped = jax.value_and_grad(loss)(params, *args)
+  # Blockwise attention keeps its own exact-fallback cond; the window/full cond is gone.
+  n_grouped = conds(jax.make_jaxpr(jax.value_and_grad(loss))(params, *args).jaxpr)
+  monkeypatch.setattr(vision_lib, "full_attention_period", lambda cfg: None)
+  scanned = jax.value_and_grad(loss)(params, *args)
+  n_scanned = conds(jax.make_jaxpr(jax.value_and_grad(loss))(params, *args).jaxpr)
+  assert n_grouped < n_scanned
+  # fp32 reduction order differs between the two programs (remat fuses differently).
+  np.testing.assert_allclose(float(grouped[0]), float(scanned[0]), rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(grouped[1]), jax.tree.leaves(scanned[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -29,8 +29,8 @@ import math
 
 from vt_jax.model.attention import attention, group_attention, group_window_plan
 from vt_jax.model.config import VisionConfig
-from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, constrain, scan_layers, stack_layers,
-                                 vision_cos_sin)
+from vt_jax.model.layers import (REMAT_POLICIES, Linear, RMSNorm, activation, apply_rotary, constrain, scan_layers,
+                                 stack_layers, vision_cos_sin)
 
 
 # Video-Thinker's per-frame pixel budget (data.video.VIDEO_THINKER_MAX_PIXELS, the released configs).
@@ -57,6 +57,18 @@ def max_windows_per_group(cfg: VisionConfig, max_pixels: int = VIDEO_THINKER_MAX
     if gw >= 1 and gh <= max_aspect_ratio * gw:
       best = max(best, math.ceil(gh / side) * math.ceil(gw / side))
   return best
+
+
+def full_attention_period(cfg: VisionConfig) -> int | None:
+  """k when the full-attention blocks are exactly every k-th block ending at the last (7, 15, 23, 31 for
+  the released models: k = 8), k >= 2; else None (the tower then scans all blocks with a lax.cond)."""
+  full = tuple(sorted(int(i) for i in cfg.fullatt_block_indexes))
+  if not full or cfg.depth % len(full):
+    return None
+  k = cfg.depth // len(full)
+  if k < 2 or full != tuple(range(k - 1, cfg.depth, k)):
+    return None
+  return k
 
 
 def parse_max_group_windows(value, cfg: VisionConfig) -> int | None:
@@ -125,7 +137,11 @@ class VisionBlock(nnx.Module):
     # Attention is rematerialised: the scan stacks a layer's residuals over all layers and lax.cond keeps
     # those of both branches, so saved scores / gathered keys would cost every layer the full-attention
     # branch's memory. Recomputing them costs a few percent of the block (windows are small).
-    attend = jax.checkpoint(lambda q, k, v: jax.lax.cond(is_full, full, windowed, q, k, v), prevent_cse=False)
+    # A Python bool (the tower's grouped schedule) picks the branch at trace time: no cond at all.
+    if isinstance(is_full, bool):
+      attend = jax.checkpoint(full if is_full else windowed, prevent_cse=False)
+    else:
+      attend = jax.checkpoint(lambda q, k, v: jax.lax.cond(is_full, full, windowed, q, k, v), prevent_cse=False)
     out = attend(q, k, v)
     x = x + self.proj(out.reshape(b, p, -1))
     h = self.norm2(x)
@@ -195,7 +211,41 @@ class VisionTower(nnx.Module):
     def body(block, x, is_full):
       return block(x, cos, sin, window_ids, group_ids, is_full, self.rules, max_group_windows=g, plan=plan), None
 
-    # Which blocks attend over whole temporal groups: a scanned input, so one compiled body serves all.
-    is_full = jnp.asarray(np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes))
-    x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
+    period = full_attention_period(self.cfg)
+    if period:
+      x = self._grouped_blocks(x, period, body)
+    else:
+      # Irregular full-attention layers: which blocks attend over whole temporal groups is a scanned
+      # input, so one compiled body (with a lax.cond) serves all.
+      is_full = jnp.asarray(np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes))
+      x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
     return constrain(self.merger(x), ("act_batch", "act_length", "act_embed"), self.rules)
+
+  def _grouped_blocks(self, x, period: int, body):
+    """The blocks as depth/period groups of (period - 1) window blocks + 1 full-attention block: an outer
+    scan over groups, an inner scan over the window blocks. No lax.cond: XLA's cost model (and the
+    scheduler) see each kind of block as it is, instead of every block carrying both attention paths."""
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(self.blocks)
+    groups = self.cfg.depth // period
+    grouped = jax.tree.map(lambda t: t.reshape(groups, period, *t.shape[1:]), state)
+    policy = REMAT_POLICIES[self.remat]
+
+    def one(layer_state, x, is_full: bool):
+      return body(nnx.merge(graphdef, layer_state), x, is_full)[0]
+
+    window_step = lambda x, layer_state: (one(layer_state, x, False), None)
+    full_step = lambda x, layer_state: one(layer_state, x, True)
+    if self.remat != "none":
+      window_step = jax.checkpoint(window_step, policy=policy, prevent_cse=False)
+      full_step = jax.checkpoint(full_step, policy=policy, prevent_cse=False)
+
+    def group_step(x, group_state):
+      windows = jax.tree.map(lambda t: t[:-1], group_state)
+      last = jax.tree.map(lambda t: t[-1], group_state)
+      x, _ = jax.lax.scan(window_step, x, windows)
+      return full_step(x, last), None
+
+    x, _ = jax.lax.scan(group_step, x, grouped)
+    return x

@@ -204,12 +204,17 @@ def flops_split(model_cfg, segment_ids: np.ndarray | None, window_ids: np.ndarra
 
 def scan_names(config, model_cfg, microbatches: int = 1, chunks: int | None = None) -> dict[int, str]:
   """{trip count: what the scans of that length are} for the dry run's time breakdown."""
-  from vt_jax.model.vision import parse_max_group_windows  # pylint: disable=g-import-not-at-top
+  from vt_jax.model.vision import full_attention_period, parse_max_group_windows  # pylint: disable=g-import-not-at-top
   v = model_cfg.vision
   names: dict[int, list[str]] = {}
   add = lambda n, label: names.setdefault(int(n), []).append(label) if n and n > 1 else None
   add(model_cfg.text.num_hidden_layers, "decoder layers")
-  add(v.depth, "vision blocks")
+  period = full_attention_period(v)
+  if period:  # the tower's grouped schedule: groups of (period - 1) window blocks + 1 full block
+    add(v.depth // period, f"vision groups ({period - 1} window + 1 full block)")
+    add(period - 1, "vision window blocks")
+  else:
+    add(v.depth, "vision blocks")
   add(microbatches, "microbatches")
   add(chunks, "LM-head chunks")
   g = parse_max_group_windows(config.model.get("max_group_windows", "auto"), v)
