@@ -12,6 +12,9 @@ temporal-group id (0 = padding). Then:
       the buffer has at most G windows, or -- decided on device per batch -- when some group is longer
       than G windows (e.g. a large image), so the result is always exact,
   merger: RMSNorm, 4 neighbouring patches -> one vector, Linear -> GELU -> Linear to the text width.
+Blocks are scanned. When the full layers are every k-th block (7, 15, 23, 31: k = 8) the scan runs groups of
+k - 1 window blocks + 1 full block, so no block carries both attention paths; otherwise one scan with a
+`lax.cond` per block.
 Padding never serves as a key for real patches (ids 0 only match padding), so several images/videos per
 row, frames that are not window multiples and bucket padding all give Qwen's exact result. The output
 stays in window order (`[B, P/4, D]`, merged slot s = patches 4s..4s+3); `vision_token_index` picks slots
