@@ -233,18 +233,20 @@ def test_scan_groups_by_nesting_and_trip_count():
 
 def test_marginal_loop_cost_matches_the_unrolled_step():
   # Nested scans with remat: the marginal cost of one more body per group, solved innermost
-  # first, gives the FLOPs of the fully unrolled step, recomputation included, and the time at
-  # the rate the cost model gives looped bodies (lower than for the same ops unrolled).
-  args = functools.partial(nested_args, width=2048, rows=8192)
-  exact = dr.dry_run(nested_step, args, topology="v5p:2x2x1", loop_cost="unroll", name="nested")
+  # first, gives every trip's FLOPs, recomputation included, and the time at the rate the cost
+  # model gives looped bodies (lower than for the same ops unrolled: 31% vs 57% of peak here).
+  width, rows, devices = 2048, 8192, 4
+  args = functools.partial(nested_args, width=width, rows=rows)
   marginal = dr.dry_run(nested_step, args, topology="v5p:2x2x1", loop_cost="marginal",
                         name="nested", scan_names={4: "inner layers", 5: "other layers"})
   once = dr.dry_run(nested_step, args, topology="v5p:2x2x1", loop_cost="once", name="nested")
-  assert marginal.compiler_flops == pytest.approx(exact.compiler_flops, rel=0.03)
+  # Matmul FLOPs per device: 12 inner layers x (forward + recomputed forward + 2 backward) and
+  # 5 other layers x (forward + 2 backward), each 2 * rows/devices * width^2.
+  matmul = 2 * rows // devices * width * width
+  assert marginal.compiler_flops == pytest.approx((12 * 4 + 5 * 3) * matmul, rel=0.03)
   assert marginal.compiler_flops > 8 * once.compiler_flops
   looped_rate = once.compiler_flops / once.compiler_seconds
   assert marginal.compiler_flops / marginal.compiler_seconds == pytest.approx(looped_rate, rel=0.25)
-  assert exact.compiler_seconds < marginal.compiler_seconds
   labels = [label for label, _, _ in marginal.breakdown]
   assert "inner layers (3 loops x 4 in 3)" in labels and "other layers (2 loops x 5)" in labels, labels
   assert sum(s for _, s, _ in marginal.breakdown) == pytest.approx(marginal.compiler_seconds, rel=1e-9)
