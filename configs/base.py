@@ -37,6 +37,10 @@ def base_config() -> config_dict.ConfigDict:
   c.model.max_group_windows = "auto"
   c.model.vocab_size = 0                         # >0: override the vocabulary size (small tokenizers)
   c.model.token_ids = config_dict.ConfigDict()   # override special ids, e.g. eos_token_ids, video_token_id
+  # Override fields of the preset's TextConfig / VisionConfig (new models only: a checkpoint's config
+  # wins for hf_dir), e.g. --config.model.text_fields.rope_theta=10000.
+  c.model.text_fields = config_dict.ConfigDict()
+  c.model.vision_fields = config_dict.ConfigDict()
 
   c.data = config_dict.ConfigDict()
   c.data.train_files = config_dict.placeholder(str)   # comma-separated JSON record files

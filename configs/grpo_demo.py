@@ -31,14 +31,14 @@ def get_config():
   c.freeze = config_dict.ConfigDict(dict(vision=True, merger=True, llm=False))  # embeddings reused
   c.grpo.prompts_per_step = 8
   c.grpo.group_size = 8
-  c.grpo.max_new_tokens = 224     # reference traces are 94-180 tokens
+  c.grpo.max_new_tokens = 160     # reference traces are <= ~130 tokens
   c.grpo.temperature = 1.0
   c.grpo.top_p = 1.0
   c.grpo.beta = 0.04
   c.grpo.reference_dtype = "float32"
   c.grpo.logprob_batch = 0
   c.grpo.log_rollouts_every = 5
-  c.data.prompt_buckets = (448,)  # prompts are <= ~410 tokens
+  c.data.prompt_buckets = (256,)
   c.train.num_steps = 30
   c.train.num_epochs = 0.0
   c.train.logprob_chunk = 256
@@ -50,5 +50,5 @@ def get_config():
   c.checkpoint.every_steps = 10
   c.checkpoint.keep_latest = 1
   c.log.every_steps = 1
-  c.demo.max_new_tokens = 224
+  c.demo.max_new_tokens = 160
   return c

@@ -37,6 +37,7 @@ def test_records_have_video_thinker_fields(dataset):
     assert r["problem_type"] == "multiple choice"
     assert [o[:3] for o in r["options"]] == ["A. ", "B. ", "C. ", "D. "]
     assert len(set(r["options"])) == 4 and len({o[3:] for o in r["options"]}) == 4
+    assert [o[3:] for o in r["options"]] == list(synthetic.OPTIONS[r["question_type"]])  # fixed order
     assert re.fullmatch(r"<answer>[ABCD]</answer>", r["solution"])
     assert not os.path.isabs(r["path"]) and os.path.isfile(os.path.join(paths.root, r["path"]))
   assert {r["problem_id"] for r in train}.isdisjoint({r["problem_id"] for r in test})
@@ -45,21 +46,40 @@ def test_records_have_video_thinker_fields(dataset):
 
 def independent_answer(r):
   """Re-derive the answer text from the event script, without synthetic.answer_from_events."""
-  ev = r["events"]
-  q = r["problem"]
-  if r["question_type"] == "colour_change":
-    (e,) = [e for e in ev if e["shape"] in q]
+  ev = sorted(r["events"], key=lambda e: e["start"])
+  qtype = r["question_type"]
+  if qtype == "only_colour":
+    assert len(ev) == 1
+    return ev[0]["colour"]
+  if qtype == "missing_colour":
+    (c,) = {"red", "green", "blue", "yellow"} - {e["colour"] for e in ev}
+    return c
+  if qtype == "first_colour":
+    return ev[0]["colour"]
+  if qtype == "last_colour":
+    return ev[-1]["colour"]
+  if qtype == "colour_change":
+    (e,) = [e for e in ev if e["new_colour"] is not None]
+    assert e["new_colour"] != e["colour"]
     return e["new_colour"]
-  if r["question_type"] == "next_after":
-    order = sorted(ev, key=lambda e: e["start"])
-    for a, b in zip(order, order[1:]):
-      if f'{a["new_colour"] or a["colour"]} {a["shape"]} left' in q:
-        return f'{b["colour"]} {b["shape"]}'
-    raise AssertionError(q)
-  if r["question_type"] == "direction":
-    (e,) = [e for e in ev if e["shape"] in q]
-    return e["direction"]
-  return min(ev, key=lambda e: e["start"])["shape"]
+  assert qtype == "direction", qtype
+  (e,) = [e for e in ev if f'the {e["colour"]} object' in r["problem"]]
+  return e["direction"]
+
+
+def test_script_invariants(dataset):
+  _, train, test = dataset
+  for r in train + test:
+    ev = r["events"]
+    lo, hi = synthetic.NUM_OBJECTS[r["question_type"]]
+    assert lo <= len(ev) <= hi
+    assert len({e["colour"] for e in ev}) == len(ev)  # a colour names one object
+    changes = [e for e in ev if e["change_at"] is not None]
+    assert len(changes) == (r["question_type"] == "colour_change")
+    for e in changes:
+      assert e["start"] + 2 <= e["change_at"] <= e["end"] - 2
+    for a, b in zip(ev, ev[1:]):
+      assert a["end"] + synthetic.MIN_GAP <= b["start"]
 
 
 def test_answers_follow_from_the_event_script(dataset):
@@ -93,7 +113,7 @@ def test_traces_are_well_formed(dataset):
     assert p.count("<answer>") == p.count("</answer>") == 1
     assert p.endswith(r["solution"])  # nothing after the answer
     n = p.count("<time>")
-    assert 1 <= n <= 3
+    assert n == {"colour_change": 2, "missing_colour": 3}.get(r["question_type"], 1)
     for tag in ("time", "caption", "think"):
       assert p.count(f"<{tag}>") == p.count(f"</{tag}>") == n
     windows = []
@@ -102,7 +122,9 @@ def test_traces_are_well_formed(dataset):
       assert 0 <= a < b <= r["duration"]
       windows.append([a, b])
     assert len(windows) == n and windows == r["segments"]
-    assert "Checking the options:" in p
+    letter = r["solution"][8]
+    answer = r["options"]["ABCD".index(letter)][3:]
+    assert p.endswith(f"The answer is {answer}, option {letter}. <answer>{letter}</answer>")
 
 
 def test_video_shows_the_script(dataset):
@@ -147,6 +169,10 @@ def test_ensure_dataset_is_idempotent(tmp_path):
   synthetic.ensure_dataset(tmp_path, 5, 2, seed=0)  # other settings -> regenerate
   assert len(json.load(open(paths.train_json))) == 5
   assert json.load(open(paths.manifest))["num_train"] == 5
+  synthetic.ensure_dataset(tmp_path, 5, 2, seed=0, question_types=("missing_colour",))  # other mix
+  assert {r["question_type"] for r in json.load(open(paths.train_json))} == {"missing_colour"}
+  with pytest.raises(ValueError, match="unknown"):
+    synthetic.ensure_dataset(tmp_path, 5, 2, seed=0, question_types=("which_shape",))
 
 
 def test_cli(tmp_path, capsys):
@@ -179,3 +205,14 @@ def test_tokenizer_round_trips_and_keeps_specials_single(dataset):
     assert tok.decode(enc) == text
   # The BPE learned the dataset: a trace is much shorter in tokens than in bytes.
   assert len(tok(train[0]["process"])["input_ids"]) < len(train[0]["process"].encode()) / 3
+
+
+@pytest.mark.parametrize("qtype", sorted(synthetic.NUM_OBJECTS))
+def test_every_question_type_answers_right(qtype):
+  """Types outside the default mix too: the script is built so the asked-for letter is right."""
+  rng = np.random.default_rng(5)
+  for letter in "ABCD" * 3:
+    r = synthetic.make_sample(rng, qtype, letter)
+    assert r["options"]["ABCD".index(letter)][3:] == independent_answer(r)
+    assert synthetic.answer_from_events(r) == letter
+    assert r["process"].endswith(f"<answer>{letter}</answer>")

@@ -113,6 +113,13 @@ _VIDEO_THINKER_USER = (
     "Reason from these clues to the answer, then give only the letter of the correct option inside "
     "<answer></answer>.")
 
+# The same output format, asked for in a few words: for small models trained from scratch (the CPU demo),
+# where the long instruction only costs sequence length.
+_VIDEO_THINKER_SHORT_USER = (
+    "{question}\nOptions:\n{options}\n"
+    "Give <time>MM:SS-MM:SS</time> <caption></caption> <think></think> for each key segment, then the "
+    "letter inside <answer></answer>.")
+
 _VIDEO_R1_USER = (
     "{question}\nOptions:\n{options}\n"
     "Think the question through the way a person pondering it would, in an inner monologue with "
@@ -134,6 +141,7 @@ _PLAIN_USER = (
 
 PROMPTS: dict[str, PromptTemplate] = {
     "video_thinker": PromptTemplate("video_thinker", _VIDEO_THINKER_SYSTEM, _VIDEO_THINKER_USER),
+    "video_thinker_short": PromptTemplate("video_thinker_short", None, _VIDEO_THINKER_SHORT_USER),
     "video_r1": PromptTemplate("video_r1", None, _VIDEO_R1_USER, _VIDEO_R1_HINTS),
     "plain": PromptTemplate("plain", None, _PLAIN_USER),
 }

@@ -45,7 +45,8 @@ def prepare_synthetic(config, workdir: str) -> SyntheticData:
   extra = [prompt.system_text or "", prompt.user_text("Which shape appeared first?", ["a", "b", "c", "d"])]
   if jax.process_index() == 0:
     paths = synthetic.ensure_dataset(root, int(d.num_train), int(d.num_test), int(d.data_seed),
-                                     vocab_size=int(d.vocab_size), extra_texts=extra)
+                                     vocab_size=int(d.vocab_size), extra_texts=extra,
+                                     question_types=tuple(d.get("question_types") or synthetic.QUESTION_TYPES))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("synthetic_data")

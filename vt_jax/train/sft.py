@@ -13,6 +13,7 @@ vocabulary chunk by chunk, so fp32 `[B, L, V]` logits never exist at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -81,16 +82,28 @@ def resolve_model_config(cfg):
   """The ModelConfig of the run: the HF checkpoint's config.json, else the named preset; with
   `model.token_ids` / `model.vocab_size` overrides (tiny models paired with a small tokenizer)."""
   from vt_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  text = dict(cfg.model.get("text_fields") or {})
+  vision = dict(cfg.model.get("vision_fields") or {})
   if cfg.model.get("hf_dir"):
+    if text or vision:
+      raise ValueError("model.text_fields / model.vision_fields change a preset; with model.hf_dir the "
+                       f"checkpoint's config.json decides (got {sorted(text) + sorted(vision)})")
     mc = model_config.load_config(cfg.model.hf_dir)
   else:
     mc = model_config.get_config(cfg.model.preset)
   overrides = dict(cfg.model.get("token_ids") or {})
   vocab = int(cfg.model.get("vocab_size") or 0)
-  if overrides or vocab:
+  if vocab:
+    text["vocab_size"] = vocab
+  for name, fields in (("text_fields", text), ("vision_fields", vision)):
+    known = {f.name for f in dataclasses.fields(mc.text if name == "text_fields" else mc.vision)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"model.{name}: unknown field(s) {unknown}; known: {sorted(known)}")
+  if overrides or text or vision:
     if "eos_token_ids" in overrides:
       overrides["eos_token_ids"] = tuple(overrides["eos_token_ids"])
-    mc = model_config.replace_sizes(mc, text={"vocab_size": vocab} if vocab else None, **overrides)
+    mc = model_config.replace_sizes(mc, text=text or None, vision=vision or None, **overrides)
   return mc
 
 
