@@ -2,19 +2,22 @@
 
   python -m vt_jax.train --config=sft_demo --workdir=runs/sft_demo
 
-Generates the synthetic dataset if absent (<workdir>/synthetic: 256 train / 64 test videos of moving
-shapes with 4-option questions and reference Video-Thinker traces, plus a 1,024-token BPE tokenizer),
-evaluates the randomly initialised tiny model on the 64 held-out questions (greedy, KV cache), SFTs it
+Generates the synthetic dataset if absent (<workdir>/synthetic: 512 train / 128 test videos of moving
+shapes with 4-option questions and reference Video-Thinker traces, plus a 1,024-token BPE tokenizer;
+half the questions ask the colour of a video's one object, half the colour of the first or last of two),
+evaluates the randomly initialised tiny model on the 128 held-out questions (greedy, KV cache), SFTs it
 (steps and sizes below), evaluates again and prints a before/after table of accuracy, format-following
 (the trace rule of the GRPO format reward), answer rate, temporal-grounding mIoU and output length.
-Measured (2-core CPU shared with other jobs: 8 min wall, 196 s of CPU time; alone ~3-4 min):
+Measured as the SFT phase of `python -m vt_jax.train --config=grpo_demo --workdir=/tmp/demoF`
+(2026-11-25, 2-core CPU shared with other jobs):
 
-  model                   accuracy %     format %   answered %       mIoU %  mean tokens
-  before SFT (init)              0.0          0.0          0.0          0.0        224.0
-  after SFT (250 steps)         26.6         75.0        100.0         33.6        131.5
+  model                    accuracy %     format %   answered %       mIoU %  mean tokens
+  before SFT (init)               0.0          0.0          0.0          0.0        160.0
+  after SFT (1000 steps)         71.1        100.0        100.0         70.1         65.0
 
-SFT teaches the trace format (75% well-formed, every answer parseable, time windows overlapping the
-ground truth); accuracy stays near chance (25%) -- moving it is GRPO's job (grpo_demo).
+Per type after SFT: one-object colour 63/64, first/last of two 28/64 (the model reads colours but not yet
+which object came first). The loss sits at ~0.27 for a few hundred steps (the model writes the trace
+format but ignores the frames), then drops to ~0.14 once it reads colours off the video tokens.
 Rerunning the command resumes (or finds the run finished and reuses its evaluations).
 Results: <workdir>/demo_table.txt, demo_results.json, eval/*/report.md, metrics.jsonl.
 """

@@ -33,7 +33,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the config's steps from 
                              "memory/FLOPs/step time; allocates nothing, trains nothing (vt_jax.train.plan).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: a TPU slice to compile for (v5p-64, "
                                 "v5e:16x16, ...; needs libtpu); default the present devices.")
-_LOOP_COST = flags.DEFINE_enum("dry_run_loop_cost", "auto", ["auto", "unroll", "scale", "once"],
+_LOOP_COST = flags.DEFINE_enum("dry_run_loop_cost", "auto", ["auto", "unroll", "marginal", "scale", "once"],
                                "With --dry_run: how scanned layers are costed (vt_jax.train.dry_run.dry_run).")
 
 
