@@ -37,7 +37,7 @@ def tiny_config(tokenizer) -> C.ModelConfig:
 
 def random_model(config: C.ModelConfig, seed: int) -> Qwen25VL:
   """A float32 model with random weights drawn on the host (no per-op compiles, so it takes well under
-  a second): norm scales around 1, everything else N(0, 0.05^2) -- larger than the default init, so
+  a second): norm scales around 1, everything else N(0, 0.1^2) -- larger than the default init, so
   greedy outputs differ between prompts."""
   abstract = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.float32))
   graphdef, state = nnx.split(abstract)
@@ -45,7 +45,7 @@ def random_model(config: C.ModelConfig, seed: int) -> Qwen25VL:
   flat = []
   for path, var in nnx.to_flat_state(state):
     centre = 1.0 if any("norm" in str(p) for p in path) else 0.0
-    flat.append((path, var.replace(jnp.asarray(centre + 0.05 * rng.standard_normal(var.shape), jnp.float32))))
+    flat.append((path, var.replace(jnp.asarray(centre + 0.1 * rng.standard_normal(var.shape), jnp.float32))))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -53,7 +53,9 @@ def make_tiny_setup(root) -> tuple[synthetic.SyntheticPaths, str, Qwen25VL]:
   """A synthetic dataset (6 test videos) and a random tiny model saved as an HF dir with its tokenizer.
 
   Deterministic, so test modules of one session share it through `root` (made once, then reused)."""
-  paths = synthetic.ensure_dataset(os.path.join(root, "data"), num_train=4, num_test=NUM_TEST, vocab_size=400)
+  # Question types whose wording varies (the colour is named), so prompts differ beyond the video.
+  paths = synthetic.ensure_dataset(os.path.join(root, "data"), num_train=4, num_test=NUM_TEST, vocab_size=400,
+                                   question_types=("direction", "colour_change", "missing_colour"))
   tokenizer = synth_tokenizer.load_tokenizer(paths.tokenizer_dir)
   model = random_model(tiny_config(tokenizer), seed=3)
   model_dir = os.path.join(root, "hf_model")

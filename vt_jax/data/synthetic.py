@@ -12,10 +12,12 @@ answered from the right moment(s). The generator knows six question types (`NUM_
   missing_colour "Which colour never appears in the video?"            (3 objects, 3 segments)
   direction      "In which direction did the red object move?"         (2-3 objects)
 
-`QUESTION_TYPES` is the mix a dataset is made of: the first two, which the tiny CPU demo model learns
-in a few hundred steps (measured: with only one-object colour questions it stays at chance for ~200
-steps, then reaches 80% by step 300; with the first/last/missing types in the mix it was still at
-24-34% after 300-500 steps: locating the right object in time is beyond it at that budget).
+`QUESTION_TYPES` is the default mix; `generate_dataset(question_types=...)` picks another (a type listed
+twice is asked twice as often). The CPU demo uses half only_colour, half first/last_colour: its tiny model
+learns to read a colour off the frames only after a plateau of a few hundred steps (SFT demo with only
+one-object questions, 800 steps: 100% held-out accuracy; with half one-object, half colour_change
+questions and 500 steps it was still at chance, 25%), and locating the right one of two objects in time
+is beyond it at that budget (44% after 1,000 steps).
 Options come in one fixed order per type (A-D = red, green, blue, yellow or left, right, up, down), so
 the letter follows from what was seen; answer letters and question types are exactly balanced. The
 reference trace is 1-3 `<time>`/`<caption>`/`<think>` triplets, then "The answer is X, option L." and
