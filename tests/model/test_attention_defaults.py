@@ -79,19 +79,21 @@ def test_bad_max_group_windows_is_refused(value):
     parse_max_group_windows(value, TINY.vision)
 
 
-def _score_shapes(jaxpr):
-  """Output shapes of every dot_general in a jaxpr, sub-jaxprs (scan, remat, cond) included."""
-  shapes = []
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (scan, remat, cond branches) included."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      shapes.append(tuple(eqn.outvars[0].aval.shape))
+    yield eqn
     for param in eqn.params.values():
       for sub in (param if isinstance(param, (tuple, list)) else (param,)):
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          shapes += _score_shapes(sub.jaxpr)
+          yield from _all_eqns(sub.jaxpr)
         elif isinstance(sub, jax.extend.core.Jaxpr):
-          shapes += _score_shapes(sub)
-  return shapes
+          yield from _all_eqns(sub)
+
+
+def _score_shapes(jaxpr):
+  """Output shapes of every dot_general in a jaxpr, sub-jaxprs included."""
+  return [tuple(e.outvars[0].aval.shape) for e in _all_eqns(jaxpr) if e.primitive.name == "dot_general"]
 
 
 @pytest.mark.parametrize("setting,blockwise", [("2", True), ("none", False)])
@@ -153,16 +155,7 @@ def test_grouped_vision_schedule_equals_the_cond_scan(monkeypatch, remat):
     return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(*a)))
 
   def conds(jaxpr):
-    n = 0
-    for eqn in jaxpr.eqns:
-      n += eqn.primitive.name == "cond"
-      for value in eqn.params.values():
-        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            n += conds(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            n += conds(sub)
-    return n
+    return sum(e.primitive.name == "cond" for e in _all_eqns(jaxpr))
 
   grouped = jax.value_and_grad(loss)(params, *args)
   # Blockwise attention keeps its own exact-fallback cond; the window/full cond is gone.

@@ -228,48 +228,34 @@ def _triplet(e: Event, lo: int, hi: int, think: str) -> str:
 def _question(qtype: str, events: list[Event], asked: int):
   """(problem, answer text, segments, reasoning triplets, free text between them) for `events[asked]`."""
   e = events[asked]
-  if qtype == "first_colour":
-    problem = "What colour was the first object to appear?"
-    correct = e.colour
-    triplets = [_triplet(e, e.start, e.end, f"This is the first object to appear: the {e.shape} is {e.colour}.")]
-    segments = [[e.start, e.end]]
-  elif qtype == "last_colour":
-    problem = "What colour was the last object to appear?"
-    correct = e.colour
-    triplets = [_triplet(e, e.start, e.end,
-                         f"Nothing appears after the {e.shape}, so it is the last object; it is {e.colour}.")]
-    segments = [[e.start, e.end]]
-  elif qtype == "colour_change":
-    problem = "One object changes colour. What colour does it turn into?"
-    correct = e.new_colour
-    segments = [[e.start, e.change_at], [e.change_at, e.end]]
+  if qtype == "colour_change":
     triplets = [
         _triplet(e, e.start, e.change_at, f"This is the {e.shape} before the change: it is {e.colour}."),
         _triplet(e, e.change_at, e.end,
                  f"From {mmss(e.change_at)} the {e.shape} is {e.new_colour}, so it turned from "
                  f"{e.colour} into {e.new_colour}."),
     ]
-    return problem, correct, segments, triplets, "Let me check whether its colour stays the same."
-  elif qtype == "only_colour":
-    problem = "What colour is the object?"
-    correct = e.colour
-    triplets = [_triplet(e, e.start, e.end, f"The {e.shape} is {e.colour}.")]
-    segments = [[e.start, e.end]]
-  elif qtype == "missing_colour":
-    problem = "Which colour never appears in the video?"
+    return ("One object changes colour. What colour does it turn into?", e.new_colour,
+            [[e.start, e.change_at], [e.change_at, e.end]], triplets,
+            "Let me check whether its colour stays the same.")
+  if qtype == "missing_colour":
     correct = next(c for c in COLOURS if all(c != x.colour for x in events))
-    triplets = [_triplet(x, x.start, x.end, f"The {x.shape} is {x.colour}.") for x in events]
-    segments = [[x.start, x.end] for x in events]
-    return problem, correct, segments, triplets, ""
-  elif qtype == "direction":
-    problem = f"In which direction did the {e.colour} object move?"
-    correct = e.direction
-    triplets = [_triplet(e, e.start, e.end,
-                         f"Over its whole time on screen the {e.colour} {e.shape} travels {e.direction}.")]
-    segments = [[e.start, e.end]]
-  else:
+    return ("Which colour never appears in the video?", correct, [[x.start, x.end] for x in events],
+            [_triplet(x, x.start, x.end, f"The {x.shape} is {x.colour}.") for x in events], "")
+  # The rest ask about one object over its whole lifetime: (problem, answer, what the think says).
+  lifetime = {
+      "only_colour": ("What colour is the object?", e.colour, f"The {e.shape} is {e.colour}."),
+      "first_colour": ("What colour was the first object to appear?", e.colour,
+                       f"This is the first object to appear: the {e.shape} is {e.colour}."),
+      "last_colour": ("What colour was the last object to appear?", e.colour,
+                      f"Nothing appears after the {e.shape}, so it is the last object; it is {e.colour}."),
+      "direction": (f"In which direction did the {e.colour} object move?", e.direction,
+                    f"Over its whole time on screen the {e.colour} {e.shape} travels {e.direction}."),
+  }
+  if qtype not in lifetime:
     raise ValueError(f"unknown question type {qtype!r}")
-  return problem, correct, segments, triplets, ""
+  problem, correct, think = lifetime[qtype]
+  return problem, correct, [[e.start, e.end]], [_triplet(e, e.start, e.end, think)], ""
 
 
 def make_sample(rng: np.random.Generator, qtype: str, letter: str) -> dict[str, Any]:

@@ -452,20 +452,25 @@ class _null:
     return False
 
 
-def main(config, topology: str | None = None, *, loop_cost: str = "auto") -> int:
-  """CLI entry: 0 when every step fits, EXIT_DOES_NOT_FIT with the readable reason otherwise,
+def _run_and_report(config, topology, **kwargs) -> tuple[int, list]:
+  """(exit code, reports): 0 when every step fits, EXIT_DOES_NOT_FIT with the readable reason otherwise,
   EXIT_BAD_PLAN when the config cannot be laid out on the mesh (or libtpu is missing)."""
   try:
-    reports = run_plan(config, topology, loop_cost=loop_cost)
+    reports = run_plan(config, topology, **kwargs)
   except dr.DoesNotFit as err:
     print(f"error: {err}", file=sys.stderr, flush=True)
-    return EXIT_DOES_NOT_FIT
+    return EXIT_DOES_NOT_FIT, []
   except (PlanError, dr.DryRunError) as err:
     print(f"error: {err}", file=sys.stderr, flush=True)
-    return EXIT_BAD_PLAN
+    return EXIT_BAD_PLAN, []
   names = ", ".join(r.name for r in reports)
   print(f"dry run: {names} fit on {reports[0].target}" if reports else "dry run: nothing to compile", flush=True)
-  return 0
+  return 0, reports
+
+
+def main(config, topology: str | None = None, *, loop_cost: str = "auto") -> int:
+  """`python -m vt_jax.train --dry_run`: the exit code of `_run_and_report`."""
+  return _run_and_report(config, topology, loop_cost=loop_cost)[0]
 
 
 # ---- `python -m vt_jax.train.plan`: the dry run with every costing option, tables as JSON too -------------
@@ -483,15 +488,10 @@ def _cli(argv) -> int:
   if config is None:
     print("error: --config is required", file=sys.stderr)
     return EXIT_BAD_PLAN
-  try:
-    reports = run_plan(config, cli._TOPOLOGY.value, loop_cost=flags.FLAGS.loop_cost,  # pylint: disable=protected-access
-                       only=flags.FLAGS.only or None)
-  except dr.DoesNotFit as err:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    return EXIT_DOES_NOT_FIT
-  except (PlanError, dr.DryRunError) as err:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    return EXIT_BAD_PLAN
+  code, reports = _run_and_report(config, cli._TOPOLOGY.value, loop_cost=flags.FLAGS.loop_cost,  # pylint: disable=protected-access
+                                  only=flags.FLAGS.only or None)
+  if code:
+    return code
   if flags.FLAGS.json:
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     with open(flags.FLAGS.json, "a", encoding="utf-8") as f:

@@ -176,23 +176,18 @@ def _top_p_choice(scaled: jax.Array, lse: jax.Array, u: jax.Array, top_p: float,
   distributions only). Every branch gives the same token for the same u: the kept weights in descending
   order are the same whenever the nucleus fits.
   """
-  vocab = scaled.shape[-1]
-  ks = [k for k in candidates if k < vocab]
-  if not ks:
-    cand, ids = jax.lax.top_k(scaled, vocab)
-    weights, _ = _nucleus(cand, lse, top_p)
-    return jnp.take_along_axis(ids, sample_from_weights(weights, u)[:, None], axis=-1)[:, 0]
-  cand, ids = jax.lax.top_k(scaled, ks[0])
-  weights, covered = _nucleus(cand, lse, top_p)
-
-  def fast(operands):
+  def draw(operands):
     weights, ids = operands
     return jnp.take_along_axis(ids, sample_from_weights(weights, u)[:, None], axis=-1)[:, 0]
 
-  def wider(_):
-    return _top_p_choice(scaled, lse, u, top_p, tuple(ks[1:]))
-
-  return jax.lax.cond(jnp.all(covered), fast, wider, (weights, ids))
+  vocab = scaled.shape[-1]
+  ks = [k for k in candidates if k < vocab]
+  cand, ids = jax.lax.top_k(scaled, ks[0] if ks else vocab)
+  weights, covered = _nucleus(cand, lse, top_p)
+  if not ks:  # the full sort: always covers
+    return draw((weights, ids))
+  return jax.lax.cond(jnp.all(covered), draw,
+                      lambda _: _top_p_choice(scaled, lse, u, top_p, tuple(ks[1:])), (weights, ids))
 
 
 def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, config: SamplingConfig):

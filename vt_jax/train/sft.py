@@ -95,8 +95,8 @@ def resolve_model_config(cfg):
   vocab = int(cfg.model.get("vocab_size") or 0)
   if vocab:
     text["vocab_size"] = vocab
-  for name, fields in (("text_fields", text), ("vision_fields", vision)):
-    known = {f.name for f in dataclasses.fields(mc.text if name == "text_fields" else mc.vision)}
+  for name, fields, sub in (("text_fields", text, mc.text), ("vision_fields", vision, mc.vision)):
+    known = {f.name for f in dataclasses.fields(sub)}
     unknown = sorted(set(fields) - known)
     if unknown:
       raise ValueError(f"model.{name}: unknown field(s) {unknown}; known: {sorted(known)}")
