@@ -34,6 +34,11 @@ def add_grpo_section(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   g.max_new_tokens = 1024
   g.eos_ids = ()                # () = the model's eos_token_ids (<|im_end|>, <|endoftext|>)
   g.cache_dtype = ""            # KV cache dtype; "" = the compute dtype
+  # Sampling mesh over the same devices (distributed.rollout_mesh): e.g. data=-1, fsdp=1, tensor=4 puts heads
+  # and MLP on `tensor` and the prompts on `data`; the params are resharded once per rollout. All 0 = sample
+  # on the training mesh (an all-FSDP mesh gathers every weight for every decoded token).
+  g.rollout_mesh = config_dict.ConfigDict(dict(data=0, fsdp=0, tensor=0))
+  g.rollout_param_dtype = ""    # the sampling copy's params: "" = as trained, "bfloat16" (as vLLM samples)
   g.rewards = config_dict.ConfigDict(dict(accuracy=1.0, format=1.0))  # name -> weight (rewards.REWARDS)
   g.shuffled_group_size = 0     # T-GRPO: rollouts per prompt on truly shuffled frames (0 = off)
   g.scale_std = True            # False: Dr.GRPO advantages (centred, not scaled)

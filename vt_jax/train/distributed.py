@@ -133,6 +133,26 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
                 axis_types=(AxisType.Auto,) * 3)
 
 
+def rollout_mesh(train_mesh: Mesh, shape: Mapping[str, int]) -> Mesh:
+  """A (data, fsdp, tensor) mesh for sampling over the SAME devices as `train_mesh`, in the same order.
+
+  Decoding on an all-FSDP training mesh gathers every weight for every token; a rollout mesh with the
+  weights over `tensor` (and replicated over data) reads only local shards. Keeping the training mesh's
+  flat device order makes the two meshes one device assignment, so moving the params between them is a
+  single compiled program, and consecutive devices of a topology-aware training mesh (ICI neighbours)
+  form the tensor groups (the innermost axis).
+
+  >>> dict(rollout_mesh(make_mesh({"fsdp": -1}), {"data": -1, "fsdp": 1, "tensor": 4}).shape)  # 8 devices
+  {'data': 2, 'fsdp': 1, 'tensor': 4}
+  """
+  devices = np.asarray(train_mesh.devices).reshape(-1)
+  try:
+    sizes = resolve_mesh_shape(shape, devices.size)
+  except MeshConfigError as err:
+    raise MeshConfigError(f"rollout mesh: {err}") from err
+  return Mesh(devices.reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
 def batch_spec(key: str, ndim: int) -> P:
   """PartitionSpec of a batch array: its batch dimension over (data, fsdp), the rest replicated."""
   dims: list = [None] * ndim

@@ -224,6 +224,8 @@ class GRPOSettings:
   log_rollouts_every: int
   num_logged_rollouts: int
   logprob_batch: int
+  rollout_mesh: tuple[tuple[str, int], ...] | None = None  # (axis, size) of the sampling mesh; None = training
+  rollout_param_dtype: str | None = None  # the sampling copy's float params; None = as trained
 
   @property
   def updates_per_rollout(self) -> int:
@@ -269,11 +271,31 @@ class GRPOSettings:
     ref_dtype = str(g.reference_dtype)
     if ref_dtype not in ("float32", "bfloat16"):
       raise GRPOConfigError(f"grpo.reference_dtype={ref_dtype!r}: use float32 or bfloat16")
+    rollout_dtype = str(g.get("rollout_param_dtype") or "") or None
+    if rollout_dtype not in (None, "float32", "bfloat16"):
+      raise GRPOConfigError(f"grpo.rollout_param_dtype={rollout_dtype!r}: use '' (as trained), float32 or bfloat16")
     return cls(group_size=group, prompts_per_step=prompts, num_minibatches=minibatches, num_passes=passes,
                sampling=sampling, reward_weights=weights, scale_std=bool(g.scale_std),
                advantage_eps=float(g.advantage_eps), loss=loss, reference_dtype=ref_dtype,
                shuffled_group_size=shuffled, log_rollouts_every=int(g.log_rollouts_every),
-               num_logged_rollouts=int(g.num_logged_rollouts), logprob_batch=int(g.get("logprob_batch", 0) or 0))
+               num_logged_rollouts=int(g.num_logged_rollouts), logprob_batch=int(g.get("logprob_batch", 0) or 0),
+               rollout_mesh=rollout_mesh_shape(g.get("rollout_mesh")), rollout_param_dtype=rollout_dtype)
+
+
+def rollout_mesh_shape(section) -> tuple[tuple[str, int], ...] | None:
+  """`grpo.rollout_mesh` {data, fsdp, tensor} -> ((axis, size), ...), or None (sample on the training mesh)
+  when it is unset, empty or all zeros. Sizes as `config.mesh` (-1 = the remaining devices)."""
+  shape = {str(k): int(v) for k, v in dict(section or {}).items()}
+  unknown = sorted(set(shape) - set(distributed.MESH_AXES))
+  if unknown:
+    raise GRPOConfigError(f"grpo.rollout_mesh: unknown axes {unknown}; the axes are {distributed.MESH_AXES}")
+  if not any(shape.values()):
+    return None
+  zeros = [k for k, v in shape.items() if v == 0]
+  if zeros:
+    raise GRPOConfigError(f"grpo.rollout_mesh={shape}: {zeros} are 0; give every axis a size (-1 = the rest, "
+                          "1 = unused), or all 0 to sample on the training mesh")
+  return tuple((a, shape.get(a, 1)) for a in distributed.MESH_AXES)
 
 
 class GRPOTask(trainer.Task):
@@ -302,6 +324,8 @@ class GRPOTask(trainer.Task):
     self._ref_params = None
     self._rest = None
     self._mesh = None
+    self._rollout_mesh = None       # set by create_model when grpo.rollout_mesh is
+    self._rollout_shardings = None  # (param shardings, rest shardings) on the rollout mesh
     self._segments: dict[tuple[str, int], Any] | None = None
     self._updated_tokens = 0.0
 
@@ -320,7 +344,23 @@ class GRPOTask(trainer.Task):
       # (and then updates) the param buffers it is given.
       dtype = jnp.bfloat16 if self.settings.reference_dtype == "bfloat16" else None
       self._ref_params = _copy_tree(nnx.to_pure_dict(params), dtype)
+    if self.settings.rollout_mesh is not None:
+      self._rollout_mesh = distributed.rollout_mesh(mesh, dict(self.settings.rollout_mesh))
+      self._rollout_shardings = sampler_lib.model_shardings(model, self._rollout_mesh)
+      logging.info("rollouts sample on mesh %s (params %s)", dict(self._rollout_mesh.shape),
+                   self.settings.rollout_param_dtype or "as trained")
     return model
+
+  def rollout_params(self, state: trainer.TrainState):
+    """(params, rest, mesh) that sampling runs with: the train state's own arrays on the training mesh,
+    or -- with grpo.rollout_mesh -- a copy resharded to the rollout mesh (floats cast to
+    grpo.rollout_param_dtype), made once per rollout and dropped after its sampling."""
+    params = trainer.all_params(state)
+    if self._rollout_mesh is None:
+      return params, state.rest, self._mesh
+    param_sh, rest_sh = self._rollout_shardings
+    return (sampler_lib.reshard(params, param_sh, self.settings.rollout_param_dtype),
+            sampler_lib.reshard(state.rest, rest_sh), self._rollout_mesh)
 
   def policy(self, state: trainer.TrainState) -> nnx.Module:
     """The current policy as a model (no copy: the train state's arrays)."""
@@ -396,6 +436,14 @@ class GRPOTask(trainer.Task):
     if local_rows % s.group_size:
       raise GRPOConfigError(f"each process holds {local_rows} completions of a rollout, not a multiple of "
                             f"grpo.group_size={s.group_size}; change grpo.prompts_per_step or the mesh")
+    if self._rollout_mesh is not None and jax.process_count() > 1:
+      # This process loads one slice of the prompts; on the rollout mesh its devices must hold that slice.
+      want = distributed.process_batch_shard(self._rollout_mesh, s.prompts_per_step)
+      if want.rows != local_rows // s.group_size or want.index != shard.index:
+        raise GRPOConfigError(
+            f"grpo.rollout_mesh={dict(self._rollout_mesh.shape)}: process {jax.process_index()} would hold "
+            f"prompt slice {want.index} ({want.rows} prompts) there but loads slice {shard.index} "
+            f"({local_rows // s.group_size} prompts); use a rollout mesh whose tensor groups stay within a host")
     return RolloutQueue(self.make_prompt_loader(shard, local_rows // s.group_size))
 
   def next_batch(self, data: RolloutQueue, state):
@@ -443,17 +491,19 @@ class GRPOTask(trainer.Task):
 
   # ---- the rollout --------------------------------------------------------------------------------------
 
-  def _global(self, local: Mapping[str, np.ndarray], rows: int) -> dict[str, jax.Array]:
-    """Process-local rows -> global arrays sharded over the batch axes of the mesh (replicated when a
-    single process has fewer rows than batch shards, e.g. a few prompts on many devices)."""
+  def _global(self, local: Mapping[str, np.ndarray], rows: int, mesh=None) -> dict[str, jax.Array]:
+    """Process-local rows -> global arrays sharded over the batch axes of `mesh` (default: the training
+    mesh; replicated when a single process has fewer rows than batch shards, e.g. a few prompts on many
+    devices)."""
+    mesh = self._mesh if mesh is None else mesh
     total = rows * jax.process_count()
-    if total % distributed.batch_parallelism(self._mesh) == 0:
-      return distributed.shard_batch(self._mesh, dict(local), total)
+    if total % distributed.batch_parallelism(mesh) == 0:
+      return distributed.shard_batch(mesh, dict(local), total)
     if jax.process_count() > 1:
       raise GRPOConfigError(f"{total} rows do not split over the mesh's data x fsdp = "
-                            f"{distributed.batch_parallelism(self._mesh)} batch shards; change "
-                            "grpo.prompts_per_step or grpo.logprob_batch")
-    return jax.device_put(dict(local), NamedSharding(self._mesh, P()))
+                            f"{distributed.batch_parallelism(mesh)} batch shards (mesh {dict(mesh.shape)}); "
+                            "change grpo.prompts_per_step, grpo.logprob_batch or grpo.rollout_mesh")
+    return jax.device_put(dict(local), NamedSharding(mesh, P()))
 
   def _local(self, x: jax.Array) -> np.ndarray:
     """This process's rows of a global batch-sharded array (all of it on one process)."""
@@ -497,32 +547,43 @@ class GRPOTask(trainer.Task):
     arrays = prompts.arrays
     b = arrays["input_ids"].shape[0]
     params = trainer.all_params(state)
-    policy = nnx.merge(self._graphdef, params, state.rest)
-    key = self._rollout_key(state)
+    t_params = time.perf_counter()
+    sample_params, sample_rest, sample_mesh = self.rollout_params(state)
+    if self._rollout_mesh is not None:
+      jax.block_until_ready(sample_params)  # times the reshard on its own (time/reshard_s)
+    t_reshard = time.perf_counter()
+    policy = nnx.merge(self._graphdef, sample_params, sample_rest)
 
-    device_prompts = self._global({k: v for k, v in arrays.items() if k in sampler_lib.PROMPT_INPUT_KEYS}, b)
     has_vision = "pixel_values" in arrays and "vision_token_index" in arrays
     vision_embeds = None
-    if has_vision:
-      vision_embeds = _encode_jit(self._graphdef, params, state.rest,
-                                  *(device_prompts[k] for k in VISION_BUFFER_KEYS))
-      sample_inputs = {k: v for k, v in device_prompts.items() if k not in VISION_BUFFER_KEYS}
-      sample_inputs["vision_embeds"] = vision_embeds
-    else:
-      sample_inputs = device_prompts
-    out = sampler_lib.sample(policy, sample_inputs, key=key, config=s.sampling, group_size=s.group_size)
-    tokens, lengths = self._local(out.tokens), self._local(out.lengths)
+    with jax.set_mesh(sample_mesh):  # the training mesh, or grpo.rollout_mesh (same devices)
+      key = self._rollout_key(state)  # made under the sampling mesh: arrays of one program share one mesh
+      device_prompts = self._global({k: v for k, v in arrays.items() if k in sampler_lib.PROMPT_INPUT_KEYS}, b,
+                                    sample_mesh)
+      if has_vision:
+        vision_embeds = _encode_jit(self._graphdef, sample_params, sample_rest,
+                                    *(device_prompts[k] for k in VISION_BUFFER_KEYS))
+        sample_inputs = {k: v for k, v in device_prompts.items() if k not in VISION_BUFFER_KEYS}
+        sample_inputs["vision_embeds"] = vision_embeds
+      else:
+        sample_inputs = device_prompts
+      out = sampler_lib.sample(policy, sample_inputs, key=key, config=s.sampling, group_size=s.group_size)
+      tokens, lengths = self._local(out.tokens), self._local(out.lengths)
+      sh_tokens = sh_lengths = None
+      if s.shuffled_group_size:
+        shuffled = shuffle_video_frames(arrays, np.random.default_rng([int(jax.device_get(state.step)), 7]))
+        sh_in = self._global({k: v for k, v in shuffled.items() if k in sampler_lib.PROMPT_INPUT_KEYS}, b,
+                             sample_mesh)
+        sh_out = sampler_lib.sample(policy, sh_in, key=jax.random.fold_in(key, 1), config=s.sampling,
+                                    group_size=s.shuffled_group_size)
+        sh_tokens, sh_lengths = self._local(sh_out.tokens), self._local(sh_out.lengths)
+    del policy, sample_params, sample_rest  # a rollout-mesh copy is freed before the log-prob passes
     t_sample = time.perf_counter()
 
     real = np.repeat(arrays["prompt_lengths"] > 0, s.group_size)
     texts = self._decode(tokens[real], lengths[real])
     shuffled_acc = None
     if s.shuffled_group_size:
-      shuffled = shuffle_video_frames(arrays, np.random.default_rng([int(jax.device_get(state.step)), 7]))
-      sh_in = self._global({k: v for k, v in shuffled.items() if k in sampler_lib.PROMPT_INPUT_KEYS}, b)
-      sh_out = sampler_lib.sample(policy, sh_in, key=jax.random.fold_in(key, 1), config=s.sampling,
-                                  group_size=s.shuffled_group_size)
-      sh_tokens, sh_lengths = self._local(sh_out.tokens), self._local(sh_out.lengths)
       sh_real = np.repeat(arrays["prompt_lengths"] > 0, s.shuffled_group_size)
       sh_texts = self._decode(sh_tokens[sh_real], sh_lengths[sh_real])
       inputs = [r for r in self._reward_inputs(prompts.answers, prompts.meta) if r is not None]
@@ -574,6 +635,7 @@ class GRPOTask(trainer.Task):
         "rollout/tokens_per_s": generated / max(t_sample - t0, 1e-9),
         "time/rollout_s": t_logp - t0,
         "time/sample_s": t_sample - t0,
+        **({"time/reshard_s": t_reshard - t_params} if self._rollout_mesh is not None else {}),
         "time/reward_s": t_reward - t_sample,
         "time/logprob_s": t_logp - t_reward,
         **{f"data/{k}": float(v) for k, v in loader_metrics.items()},

@@ -347,6 +347,67 @@ def sample(model, prompts: Mapping[str, Any], *, key: jax.Array, config: Samplin
   return SampleOutput(tokens=tokens, lengths=lengths, finished=finished, logprobs=logprobs)
 
 
+# ---- sampling on another mesh ---------------------------------------------------------------------------
+#
+# Training shards weights for memory (FSDP); decoding wants them where each token's matmuls run (heads / MLP
+# over a tensor axis, replicated over data), or every decoded token gathers the whole model. The model is
+# moved ONCE per rollout to a mesh over the same devices (distributed.rollout_mesh), sampled there, and
+# the copy dropped; the completions return to the host as before.
+
+def _cast(x, dtype):
+  if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(dtype)
+  return jnp.copy(x)  # a fresh buffer: the trainer donates (and overwrites) the state it reads from
+
+
+@functools.lru_cache(maxsize=16)
+def _resharder(treedef, sources: tuple, targets: tuple, dtype):
+  """One jitted move per (structure, shardings, dtype); cached so a rollout never re-traces it."""
+  def move(leaves):
+    # Cast where the leaf lives, then move: the collectives carry the (smaller) cast bytes.
+    return [jax.lax.with_sharding_constraint(_cast(x, dtype), src) if src is not None else _cast(x, dtype)
+            for x, src in zip(leaves, sources)]
+  return jax.jit(move, out_shardings=list(targets))
+
+
+def reshard(tree, shardings, dtype=None):
+  """A copy of every array of `tree` in `shardings` (same structure), floating leaves cast to `dtype`.
+
+  The target shardings may live on another mesh over the same devices in the same flat order
+  (`distributed.rollout_mesh`): the move is then one compiled program of collectives (for FSDP -> tensor
+  params, an all-gather of each chip's new shard). dtype: e.g. jnp.bfloat16 for a sampling copy of fp32
+  master weights (half the bytes moved and read per token); None keeps every dtype.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  targets = tuple(treedef.flatten_up_to(shardings))
+  sources = tuple(x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None
+                  for x in leaves)
+  dtype = None if dtype is None else jnp.dtype(dtype)
+  return treedef.unflatten(_resharder(treedef, sources, targets, dtype)(leaves))
+
+
+def model_shardings(model, mesh, rules=None):
+  """(param shardings, rest shardings) of `model` on `mesh`, as pure dicts matching `nnx.split(model,
+  nnx.Param, ...)`: params by their logical axes through `rules` (default: the model's own rules, else
+  the project table), other variables replicated."""
+  from vt_jax.model import sharding as msh  # pylint: disable=g-import-not-at-top
+  rules = rules if rules is not None else (getattr(model, "rules", None) or msh.LOGICAL_RULES)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return (nnx.to_pure_dict(msh.param_shardings(params, mesh, rules)),
+          jax.tree.map(lambda _: replicated, nnx.to_pure_dict(rest)))
+
+
+def model_on_mesh(model, mesh, *, dtype=None, rules=None):
+  """A copy of `model` whose params sit on `mesh` in their logical shardings (e.g. a rollout mesh with a
+  tensor axis), floating params cast to `dtype` (None: unchanged). Sample from it under
+  `jax.set_mesh(mesh)` with prompts placed on that mesh (or replicated)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  param_sh, rest_sh = model_shardings(model, mesh, rules)
+  return nnx.merge(graphdef, reshard(nnx.to_pure_dict(params), param_sh, dtype),
+                   reshard(nnx.to_pure_dict(rest), rest_sh))
+
+
 # ---- streaming ------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
