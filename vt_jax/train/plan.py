@@ -10,7 +10,9 @@ Everything is built from the resolved training config, as the trainer would buil
   steps    SFT: the trainer's jitted step (`trainer.make_train_step` + `jit_train_step`, microbatches,
            AdamW, donation). GRPO: the rollout prefill (vision encoding + prefill + the cache repeated
            for the group), one decode step of the sampler, the reference log-prob pass (beta > 0), and
-           the GRPO update (the trainer's step over `GRPOTask.loss`).
+           the GRPO update (the trainer's step over `GRPOTask.loss`). With `grpo.rollout_mesh`, also the
+           move of the params to the rollout mesh (`grpo_rollout_reshard`), and the prefill and decode
+           compile on that mesh with the moved copy as an argument.
 
 Memory that stays on the chips for the whole run is an argument of every step it outlives: each GRPO
 program also takes the train state and the frozen reference params (`keep_unused`), so "arguments" is
@@ -54,6 +56,8 @@ class PlannedStep:
   args: tuple
   flops_split: dict[str, float]
   scan_names: dict[int, str] = dataclasses.field(default_factory=dict)  # trip count -> label (breakdown)
+  mesh: Mesh | None = None  # compile under this mesh (e.g. GRPO's rollout mesh); None = the plan's mesh
+  notes: tuple[str, ...] = ()  # added to the report's notes
 
 
 # ---- abstract state ---------------------------------------------------------------------------------------
@@ -62,17 +66,13 @@ def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
-def abstract_train_state(task: trainer.Task, mesh: Mesh, total_steps: int = 1):
-  """(graphdef, TrainState of ShapeDtypeStructs in the trainer's shardings, tx, schedule) for `task`.
-
-  Mirrors `trainer.init_train_state` without allocating: the model is built with `nnx.eval_shape`, params
-  take their logical-axis shardings, the optimiser state is `jax.eval_shape(tx.init)` sharded like params.
-  """
+def abstract_model_on(task: trainer.Task, mesh: Mesh, param_dtype=None):
+  """(graphdef, params, rest) of the task's model as ShapeDtypeStructs on `mesh`: params in their
+  logical-axis shardings (floats as `param_dtype` when given), other variables replicated."""
   from vt_jax.model import sharding as msh  # pylint: disable=g-import-not-at-top
   from vt_jax.model.modeling import Qwen25VL  # pylint: disable=g-import-not-at-top
   from vt_jax.train import sft  # pylint: disable=g-import-not-at-top
-  cfg = task.config
-  m = cfg.model
+  m = task.config.model
   kwargs = dict(param_dtype=sft._dtype(m.param_dtype, "model.param_dtype"),  # pylint: disable=protected-access
                 dtype=sft._dtype(m.dtype, "model.dtype"), remat=m.remat, attention=m.attention,  # pylint: disable=protected-access
                 max_group_windows=m.get("max_group_windows", "auto"))
@@ -81,9 +81,22 @@ def abstract_train_state(task: trainer.Task, mesh: Mesh, total_steps: int = 1):
   abstract = nnx.eval_shape(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(0), rules=msh.LOGICAL_RULES, **kwargs))
   graphdef, pstate, rstate = nnx.split(abstract, nnx.Param, ...)
   pshard = nnx.to_pure_dict(msh.param_shardings(pstate, mesh, msh.LOGICAL_RULES))
-  params = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), nnx.to_pure_dict(pstate), pshard)
+  cast = lambda dt: param_dtype if param_dtype is not None and jnp.issubdtype(dt, jnp.floating) else dt  # noqa: E731
+  params = jax.tree.map(lambda x, s: _sds(x.shape, cast(x.dtype), s), nnx.to_pure_dict(pstate), pshard)
   replicated = NamedSharding(mesh, P())
   rest = jax.tree.map(lambda x: _sds(x.shape, x.dtype, replicated), nnx.to_pure_dict(rstate))
+  return graphdef, params, rest
+
+
+def abstract_train_state(task: trainer.Task, mesh: Mesh, total_steps: int = 1):
+  """(graphdef, TrainState of ShapeDtypeStructs in the trainer's shardings, tx, schedule) for `task`.
+
+  Mirrors `trainer.init_train_state` without allocating: the model is built with `nnx.eval_shape`, params
+  take their logical-axis shardings, the optimiser state is `jax.eval_shape(tx.init)` sharded like params.
+  """
+  cfg = task.config
+  graphdef, params, rest = abstract_model_on(task, mesh)
+  replicated = NamedSharding(mesh, P())
   trainable, frozen = optim_lib.split_trainable(params, dict(cfg.freeze))
   if not jax.tree_util.tree_leaves(trainable):
     raise PlanError(f"freeze={dict(cfg.freeze)} leaves nothing to train")
@@ -294,53 +307,82 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
   cache_dtype = jnp.dtype(s.sampling.cache_dtype) if s.sampling.cache_dtype else sft_dtype(config.model.dtype)
   steps = []
 
+  # With grpo.rollout_mesh the rollout runs on a mesh over the same devices (heads/MLP over tensor, prompts
+  # over data) on a copy of the params made once per rollout: that move is a program of its own, and the
+  # copy is an argument of the prefill and decode steps (the train state and reference stay resident).
+  sample_mesh, policy = mesh, ()
+  if s.rollout_mesh is not None:
+    sample_mesh = distributed.rollout_mesh(mesh, dict(s.rollout_mesh))
+    rdtype = jnp.dtype(s.rollout_param_dtype) if s.rollout_param_dtype else None
+    _, rparams, rrest = abstract_model_on(task, sample_mesh, rdtype)
+    policy = (rparams, rrest)
+    move_params = sampler.resharder(params_all, _shardings(rparams), rdtype)
+    move_rest = sampler.resharder(state.rest, _shardings(rrest))
+
+    def reshard(state, ref_params):
+      del ref_params  # resident, not read
+      return move_params(trainer.all_params(state)), move_rest(state.rest)
+
+    copy_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(rparams))
+    chip_bytes = dr.argument_bytes_per_device(rparams)
+    steps.append(PlannedStep(
+        "grpo_rollout_reshard", jax.jit(reshard, in_shardings=(state_sh, ref_sh), out_shardings=_shardings(policy),
+                                        keep_unused=True),
+        (state, ref), {}, {}, mesh=sample_mesh,
+        notes=(f"once per rollout: the params ({copy_bytes / 2**30:.2f} GiB as {rdtype or 'trained'}) move from "
+               f"the training mesh to the rollout mesh {dict(sample_mesh.shape)}; each device receives its "
+               f"{chip_bytes / 2**30:.2f} GiB shard (the 'outputs' row), minus what it already held",)))
+
+  def sampling_model(state, policy):
+    return nnx.merge(graphdef, *policy) if policy else nnx.merge(graphdef, trainer.all_params(state), state.rest)
+
   # Rollout prefill: vision encoded once per prompt, prompts prefilled, the cache repeated G times.
   pshapes = {k: ((n_prompts, prompt_len), jnp.int32) for k in ("input_ids", "segment_ids", "vision_token_index")}
   pshapes.update(positions=((3, n_prompts, prompt_len), jnp.int32), next_position=((n_prompts,), jnp.int32),
                  **vision_shapes(n_prompts, capacity, patch_dim))
-  prompts = abstract_batch(pshapes, mesh, n_prompts)
+  prompts = abstract_batch(pshapes, sample_mesh, n_prompts)
 
-  def prefill(state, ref_params, arrays):
+  def prefill(state, ref_params, policy, arrays):
     del ref_params  # resident, not read
-    model = nnx.merge(graphdef, trainer.all_params(state), state.rest)
+    model = sampling_model(state, policy)
     return sampler._repeat_rows(  # pylint: disable=protected-access
         sampler._prefill(model, arrays, new, cache_dtype), group, model.rules)  # pylint: disable=protected-access
 
   steps.append(PlannedStep(
-      "grpo_rollout_prefill", jax.jit(prefill, in_shardings=(state_sh, ref_sh, _shardings(prompts)),
-                                      keep_unused=True),
-      (state, ref, prompts),
+      "grpo_rollout_prefill", jax.jit(prefill, in_shardings=(state_sh, ref_sh, _shardings(policy),
+                                                             _shardings(prompts)), keep_unused=True),
+      (state, ref, policy, prompts),
       flops_split(mc, np.ones((n_prompts, prompt_len), np.int32), np.tile(window, (n_prompts, 1)),
                   np.tile(group_ids, (n_prompts, 1)), text_passes=1, vision_passes=1),
-      scan_names(config, mc)))
+      scan_names(config, mc), mesh=sample_mesh))
 
   # One decode step of the sampler's loop over the B*G rows against the L + T cache.
   cache_abs = jax.eval_shape(
       lambda p, r: nnx.merge(graphdef, p, r).init_cache(n_rows, prompt_len + new, dtype=cache_dtype),
       params_all, state.rest)
-  cache_sh = msh.kv_cache_shardings(mesh, msh.LOGICAL_RULES)
+  cache_sh = msh.kv_cache_shardings(sample_mesh, msh.LOGICAL_RULES)
   cache = jax.tree.map(lambda x, sh: _sds(x.shape, x.dtype, sh), cache_abs, cache_sh)
-  row_sh = _rows_sharding(mesh, "rows", 1, n_rows)
-  logits = _sds((n_rows, mc.text.vocab_size), jnp.float32, _rows_sharding(mesh, "logits", 2, n_rows))
+  row_sh = _rows_sharding(sample_mesh, "rows", 1, n_rows)
+  logits = _sds((n_rows, mc.text.vocab_size), jnp.float32, _rows_sharding(sample_mesh, "logits", 2, n_rows))
   keys_abs = jax.eval_shape(lambda: sampler.row_keys(jax.random.key(0), n_rows))
   keys = _sds(keys_abs.shape, keys_abs.dtype, row_sh)
   done = _sds((n_rows,), jnp.bool_, row_sh)
-  step_index = _sds((), jnp.int32, replicated)
+  step_index = _sds((), jnp.int32, NamedSharding(sample_mesh, P()))
 
-  def decode(state, ref_params, logits, cache, keys, step, done):
+  def decode(state, ref_params, policy, logits, cache, keys, step, done):
     del ref_params
-    model = nnx.merge(graphdef, trainer.all_params(state), state.rest)
+    model = sampling_model(state, policy)
     token, _ = sampler.choose_tokens(logits, keys, step, s.sampling)
     token = jnp.where(done, s.sampling.pad_id, token)
     next_logits, cache = model.decode_step(cache, token)
     return token, next_logits, cache
 
-  dec_args = (state, ref, logits, cache, keys, step_index, done)
+  dec_args = (state, ref, policy, logits, cache, keys, step_index, done)
   steps.append(PlannedStep(
-      "grpo_rollout_decode_step", jax.jit(decode, in_shardings=_shardings(dec_args), donate_argnums=(3,),
+      "grpo_rollout_decode_step", jax.jit(decode, in_shardings=_shardings(dec_args), donate_argnums=(4,),
                                           keep_unused=True),
       dec_args, flops_split(mc, np.ones((n_rows, 1), np.int32), None, None, text_passes=1, vision_passes=0,
-                            decode_keys=prompt_len + new), scan_names(config, mc)))
+                            decode_keys=prompt_len + new), scan_names(config, mc), mesh=sample_mesh))
 
   # Completion rows [prompt bucket | T completion slots] for the reference pass and the update.
   length = prompt_len + new
@@ -437,8 +479,10 @@ def run_plan(config, topology: str | None = None, *, loop_cost: str = "auto", ou
     steps = [s for s in steps if s.name in only]
   reports = []
   for step in steps:
-    report = dr.dry_run(step.fn, step.args, mesh=mesh, topology=topology, flops_split=step.flops_split,
+    report = dr.dry_run(step.fn, step.args, mesh=step.mesh or mesh, topology=topology, flops_split=step.flops_split,
                         name=step.name, loop_cost=loop_cost, scan_names=step.scan_names)
+    if step.notes:
+      report = dataclasses.replace(report, notes=report.notes + tuple(step.notes))
     print(dr.format_report(report) + "\n", file=out, flush=True)
     reports.append(report)
   return reports

@@ -378,12 +378,18 @@ def reshard(tree, shardings, dtype=None):
   params, an all-gather of each chip's new shard). dtype: e.g. jnp.bfloat16 for a sampling copy of fp32
   master weights (half the bytes moved and read per token); None keeps every dtype.
   """
-  leaves, treedef = jax.tree.flatten(tree)
+  return resharder(tree, shardings, dtype)(tree)
+
+
+def resharder(like, shardings, dtype=None):
+  """The function `tree -> reshard(tree, shardings, dtype)` for trees shaped and sharded like `like`
+  (arrays or ShapeDtypeStructs): callable inside another jit too (the dry run compiles it that way)."""
+  leaves, treedef = jax.tree.flatten(like)
   targets = tuple(treedef.flatten_up_to(shardings))
   sources = tuple(x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None
                   for x in leaves)
-  dtype = None if dtype is None else jnp.dtype(dtype)
-  return treedef.unflatten(_resharder(treedef, sources, targets, dtype)(leaves))
+  move = _resharder(treedef, sources, targets, None if dtype is None else jnp.dtype(dtype))
+  return lambda tree: treedef.unflatten(move(treedef.flatten_up_to(tree)))
 
 
 def model_shardings(model, mesh, rules=None):
