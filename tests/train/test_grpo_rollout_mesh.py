@@ -35,6 +35,9 @@ def test_rollout_mesh_config_is_checked():
     grpo.rollout_mesh_shape({"model": 2})
   with pytest.raises(grpo.GRPOConfigError, match="rollout_param_dtype"):
     grpo.GRPOSettings.from_config(G.grpo_config(**{"grpo.rollout_param_dtype": "float16"}), TINY)
+  task = G.ToyTask(G.grpo_config(**{"grpo.rollout_mesh": {"data": -1, "fsdp": 1, "tensor": 3}}), G.prompt_batches(1, 4))
+  with pytest.raises(grpo.GRPOConfigError, match="grpo.rollout_mesh=.*does not fit the 8 devices"):
+    task.create_model(distributed.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
 
 
 def test_sampling_on_rollout_mesh_equals_training_mesh():

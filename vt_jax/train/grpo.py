@@ -345,7 +345,11 @@ class GRPOTask(trainer.Task):
       dtype = jnp.bfloat16 if self.settings.reference_dtype == "bfloat16" else None
       self._ref_params = _copy_tree(nnx.to_pure_dict(params), dtype)
     if self.settings.rollout_mesh is not None:
-      self._rollout_mesh = distributed.rollout_mesh(mesh, dict(self.settings.rollout_mesh))
+      try:
+        self._rollout_mesh = distributed.rollout_mesh(mesh, dict(self.settings.rollout_mesh))
+      except distributed.MeshConfigError as err:
+        raise GRPOConfigError(f"grpo.rollout_mesh={dict(self.settings.rollout_mesh)} does not fit the "
+                              f"{mesh.size} devices of the training mesh: {err}") from err
       self._rollout_shardings = sampler_lib.model_shardings(model, self._rollout_mesh)
       logging.info("rollouts sample on mesh %s (params %s)", dict(self._rollout_mesh.shape),
                    self.settings.rollout_param_dtype or "as trained")
