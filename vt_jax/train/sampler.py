@@ -360,13 +360,41 @@ def _cast(x, dtype):
   return jnp.copy(x)  # a fresh buffer: the trainer donates (and overwrites) the state it reads from
 
 
+def _staging(target, shape):
+  """A fully sharded stop on the way to `target` (a NamedSharding with a dim over "tensor", replicated over
+  "data"): that dim over ("tensor", "data"). Going FSDP -> staging is an all-to-all (every device keeps
+  1/n of the leaf) and staging -> target an all-gather over data; going straight, XLA's partitioner
+  replicates the whole leaf on every device first (9.4 GiB of temporaries for 7B on v5e-256). None when
+  there is no such dim or it does not split."""
+  if not isinstance(target, jax.sharding.NamedSharding):
+    return None
+  mesh, spec = target.mesh, tuple(target.spec) + (None,) * (len(shape) - len(target.spec))
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  used = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))}
+  if sizes.get("data", 1) == 1 or "data" in used:
+    return None
+  for dim, entry in enumerate(spec):
+    if entry == "tensor" and sizes["tensor"] > 1 and shape[dim] % (sizes["tensor"] * sizes["data"]) == 0:
+      staged = list(spec)
+      staged[dim] = ("tensor", "data")
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*staged))
+  return None
+
+
 @functools.lru_cache(maxsize=16)
 def _resharder(treedef, sources: tuple, targets: tuple, dtype):
   """One jitted move per (structure, shardings, dtype); cached so a rollout never re-traces it."""
   def move(leaves):
-    # Cast where the leaf lives, then move: the collectives carry the (smaller) cast bytes.
-    return [jax.lax.with_sharding_constraint(_cast(x, dtype), src) if src is not None else _cast(x, dtype)
-            for x, src in zip(leaves, sources)]
+    out = []
+    for x, src, dst in zip(leaves, sources, targets):
+      # Cast where the leaf lives, then move: the collectives carry the (smaller) cast bytes.
+      y = _cast(x, dtype)
+      if src is not None:
+        y = jax.lax.with_sharding_constraint(y, src)
+      if (stage := _staging(dst, x.shape)) is not None:
+        y = jax.lax.with_sharding_constraint(y, stage)
+      out.append(y)
+    return out
   return jax.jit(move, out_shardings=list(targets))
 
 
