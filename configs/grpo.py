@@ -13,6 +13,8 @@ for the unpublished rest: group size 8, temperature 1.0, top-p 0.95, one update 
 per-sequence token-mean loss; max 1024 new tokens (Video-Thinker traces are long). Reward = accuracy +
 Video-Thinker format. T-GRPO: `--config.grpo.rewards.temporal_contrast=1.0 --config.grpo.shuffled_group_size=4`.
 Expect ~1 rollout of 64 completions + 1 update per step; on a v5p-64 slice roughly 30-60 s per step.
+Rollouts sample on grpo.rollout_mesh (tensor=4: the chip count must be a multiple of 4; all 0 samples on the
+training mesh) from a bf16 copy of the params (grpo.rollout_param_dtype; "" samples with the fp32 weights).
 """
 
 from ml_collections import config_dict
@@ -70,6 +72,11 @@ def get_config():
   # to save memory on small slices; each must split over the chips (rows % (microbatches x data x fsdp) == 0).
   c.train.microbatches = 1
   c.train.logprob_chunk = 512
+  # Sample on a mesh over the same chips with heads/MLP over tensor=4 (28 q / 4 kv heads) and the prompts
+  # over data, from a bf16 copy of the params made once per rollout. Dry run, v5p-64, 64 rows: 7.3 ms per
+  # decoded token vs 17.0 ms on the all-FSDP training mesh (which gathers every weight for every token).
+  c.grpo.rollout_mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=4))
+  c.grpo.rollout_param_dtype = "bfloat16"
   c.optim.lr = 5e-6
   c.optim.warmup_steps = 0
   c.optim.decay = "constant"
