@@ -65,6 +65,7 @@ def get_config():
   c.demo.data_dir = config_dict.placeholder(str)  # default <workdir>/synthetic
   c.demo.num_train = 512
   c.demo.num_test = 128
+  c.demo.num_rl = 0               # prompt-only videos for a GRPO phase (configs/grpo_demo.py sets them)
   # Half one-object colour questions, half "first/last of two objects" (vt_jax.data.synthetic.NUM_OBJECTS).
   c.demo.question_types = ("only_colour", "only_colour", "first_colour", "last_colour")
   c.demo.data_seed = 0

@@ -175,6 +175,29 @@ def test_ensure_dataset_is_idempotent(tmp_path):
     synthetic.ensure_dataset(tmp_path, 5, 2, seed=0, question_types=("which_shape",))
 
 
+def test_rl_split_is_held_out_and_leaves_the_other_splits_unchanged(tmp_path):
+  """GRPO's prompt split: its own videos and ids; train, test and tokenizer byte-identical to a dataset
+  without it; asking for another size (or none) regenerates."""
+  plain = synthetic.ensure_dataset(tmp_path / "plain", 4, 2, seed=3)
+  paths = synthetic.ensure_dataset(tmp_path / "rl", 4, 2, seed=3, num_rl=5)
+  for name in ("train.json", "test.json", "tokenizer/tokenizer.json"):
+    assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "rl" / name).read_bytes()
+  assert not os.path.exists(plain.rl_json)
+  rl = json.load(open(paths.rl_json))
+  others = json.load(open(paths.train_json)) + json.load(open(paths.test_json))
+  assert len(rl) == 5 and [r["problem_id"] for r in rl] == list(range(6, 11))
+  assert all(r["path"].startswith("videos/rl_") and os.path.isfile(os.path.join(paths.root, r["path"]))
+             for r in rl)
+  assert {json.dumps(r["events"]) for r in rl}.isdisjoint({json.dumps(r["events"]) for r in others})
+  assert json.load(open(paths.manifest))["num_rl"] == 5
+  stamp = os.stat(paths.rl_json).st_mtime_ns
+  assert synthetic.ensure_dataset(tmp_path / "rl", 4, 2, seed=3, num_rl=5) == paths
+  assert os.stat(paths.rl_json).st_mtime_ns == stamp  # complete: not rewritten
+  synthetic.ensure_dataset(tmp_path / "rl", 4, 2, seed=3)  # no rl split asked -> regenerated without it
+  assert not os.path.exists(paths.rl_json) and "num_rl" not in json.load(open(paths.manifest))
+  assert len(os.listdir(paths.video_dir)) == 6
+
+
 def test_cli(tmp_path, capsys):
   assert synthetic.main(["--out", str(tmp_path), "--num-train", "3", "--num-test", "1"]) == 0
   out = json.loads(capsys.readouterr().out)

@@ -306,6 +306,7 @@ class SyntheticPaths:
   root: str
   train_json: str
   test_json: str
+  rl_json: str       # prompts for GRPO, from videos SFT never saw (written when num_rl > 0)
   video_dir: str
   tokenizer_dir: str
   manifest: str
@@ -314,6 +315,7 @@ class SyntheticPaths:
 def _paths(out_dir: str) -> SyntheticPaths:
   return SyntheticPaths(root=out_dir, train_json=os.path.join(out_dir, "train.json"),
                         test_json=os.path.join(out_dir, "test.json"),
+                        rl_json=os.path.join(out_dir, "rl.json"),
                         video_dir=os.path.join(out_dir, "videos"),
                         tokenizer_dir=os.path.join(out_dir, "tokenizer"),
                         manifest=os.path.join(out_dir, "manifest.json"))
@@ -344,10 +346,11 @@ def _dump(records: list[dict[str, Any]], path: str) -> str:
 
 
 def _settings(num_train: int, num_test: int, seed: int, vocab_size: int,
-              question_types: Sequence[str]) -> dict[str, Any]:
+              question_types: Sequence[str], num_rl: int = 0) -> dict[str, Any]:
+  # num_rl is recorded only when used, so datasets written before the rl split existed stay valid.
   return {"format_version": FORMAT_VERSION, "num_train": num_train, "num_test": num_test,
           "seed": seed, "vocab_size": vocab_size, "height": HEIGHT, "width": WIDTH, "fps": FPS,
-          "question_types": list(question_types)}
+          "question_types": list(question_types), **({"num_rl": num_rl} if num_rl else {})}
 
 
 def _check_types(question_types: Sequence[str]) -> tuple[str, ...]:
@@ -359,15 +362,18 @@ def _check_types(question_types: Sequence[str]) -> tuple[str, ...]:
 
 def generate_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: int = 64,
                      seed: int = 0, *, vocab_size: int = 1024, extra_texts: Sequence[str] = (),
-                     question_types: Sequence[str] = QUESTION_TYPES) -> SyntheticPaths:
-  """Write videos/, train.json, test.json, tokenizer/ and (last) manifest.json under out_dir.
+                     question_types: Sequence[str] = QUESTION_TYPES, num_rl: int = 0) -> SyntheticPaths:
+  """Write videos/, train.json, test.json, [rl.json,] tokenizer/ and (last) manifest.json under out_dir.
 
   Deterministic for (num_train, num_test, seed): byte-identical JSON and identical frames. The
-  test split uses its own random stream, so it is held out (no shared videos or scripts).
+  test split uses its own random stream, so it is held out (no shared videos or scripts); so does the
+  optional rl split (`num_rl` records, same format: GRPO reads only question, options and answer), and
+  adding it changes neither train, test nor the tokenizer.
   `extra_texts` (e.g. the real prompt) are added to the tokenizer's training text.
   """
-  if num_train < 1 or num_test < 0:
-    raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
+  if num_train < 1 or num_test < 0 or num_rl < 0:
+    raise ValueError(f"need num_train >= 1, num_test >= 0 and num_rl >= 0, got {num_train}, {num_test}, "
+                     f"{num_rl}")
   out_dir = os.fspath(out_dir)
   paths = _paths(out_dir)
   if os.path.exists(paths.manifest):
@@ -379,11 +385,17 @@ def generate_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test:
   test = _split((seed, 1), "test", num_test, num_train, paths.video_dir, question_types)
   digests = {"train.json": _dump(train, paths.train_json),
              "test.json": _dump(test, paths.test_json)}
+  rl = []
+  if num_rl:
+    rl = _split((seed, 2), "rl", num_rl, num_train + num_test, paths.video_dir, question_types)
+    digests["rl.json"] = _dump(rl, paths.rl_json)
+  elif os.path.exists(paths.rl_json):
+    os.remove(paths.rl_json)
   texts = list(extra_texts) + [t for r in train + test
                                for t in (r["problem"], *r["options"], r["process"])]
   synth_tokenizer.build_tokenizer(texts, paths.tokenizer_dir, vocab_size=vocab_size)
-  manifest = {**_settings(num_train, num_test, seed, vocab_size, question_types), "files": digests,
-              "videos": len(train) + len(test)}
+  manifest = {**_settings(num_train, num_test, seed, vocab_size, question_types, num_rl), "files": digests,
+              "videos": len(train) + len(test) + len(rl)}
   tmp = paths.manifest + ".tmp"
   with open(tmp, "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
@@ -393,7 +405,7 @@ def generate_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test:
 
 def ensure_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: int = 64,
                    seed: int = 0, *, vocab_size: int = 1024, extra_texts: Sequence[str] = (),
-                   question_types: Sequence[str] = QUESTION_TYPES) -> SyntheticPaths:
+                   question_types: Sequence[str] = QUESTION_TYPES, num_rl: int = 0) -> SyntheticPaths:
   """Return the dataset under out_dir, generating it only if the manifest is missing, was written
   for other settings, or its files are gone (a cheap check: no video is decoded)."""
   out_dir = os.fspath(out_dir)
@@ -405,15 +417,17 @@ def ensure_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: i
     manifest = None
   if manifest is not None and all(manifest.get(k) == v for k, v in
                                   _settings(num_train, num_test, seed, vocab_size,
-                                            _check_types(question_types)).items()):
+                                            _check_types(question_types), num_rl).items()) \
+      and manifest.get("num_rl", 0) == num_rl:
     complete = (os.path.isfile(paths.train_json) and os.path.isfile(paths.test_json) and
+                (not num_rl or os.path.isfile(paths.rl_json)) and
                 os.path.isfile(os.path.join(paths.tokenizer_dir, "tokenizer.json")) and
                 os.path.isdir(paths.video_dir) and
                 len(os.listdir(paths.video_dir)) == manifest.get("videos"))
     if complete:
       return paths
   return generate_dataset(out_dir, num_train, num_test, seed, vocab_size=vocab_size,
-                          extra_texts=extra_texts, question_types=question_types)
+                          extra_texts=extra_texts, question_types=question_types, num_rl=num_rl)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,12 +435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--num-train", type=int, default=256)
   parser.add_argument("--num-test", type=int, default=64)
+  parser.add_argument("--num-rl", type=int, default=0, help="prompt-only split for GRPO (rl.json)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--vocab-size", type=int, default=1024)
   parser.add_argument("--force", action="store_true", help="regenerate even if complete")
   args = parser.parse_args(argv)
   fn = generate_dataset if args.force else ensure_dataset
-  paths = fn(args.out, args.num_train, args.num_test, args.seed, vocab_size=args.vocab_size)
+  paths = fn(args.out, args.num_train, args.num_test, args.seed, vocab_size=args.vocab_size, num_rl=args.num_rl)
   print(json.dumps(dataclasses.asdict(paths), indent=1))
   return 0
 

@@ -30,23 +30,27 @@ class SyntheticData:
   train_json: str
   test_json: str
   tokenizer_dir: str
+  rl_json: str | None = None  # GRPO's prompts when demo.num_rl > 0 (videos the SFT phase never saw)
 
 
 def prepare_synthetic(config, workdir: str) -> SyntheticData:
   """Generates (once) the synthetic dataset and fills the config's data and model-vocabulary fields.
 
   Where: config.demo.data_dir, else `<workdir>/synthetic`. Only process 0 generates; the others wait
-  for it (a multi-process demo is unusual but must not race).
+  for it (a multi-process demo is unusual but must not race). A GRPO config (`task == "grpo"`) trains on
+  the rl split when `demo.num_rl > 0`, else on the SFT traces' questions.
   """
   from vt_jax.data import prompts, synth_tokenizer, synthetic  # pylint: disable=g-import-not-at-top
   d = config.demo
   root = d.get("data_dir") or os.path.join(workdir, "synthetic")
+  num_rl = int(d.get("num_rl") or 0)
   prompt = prompts.get_prompt(config.data.prompt)
   extra = [prompt.system_text or "", prompt.user_text("Which shape appeared first?", ["a", "b", "c", "d"])]
   if jax.process_index() == 0:
     paths = synthetic.ensure_dataset(root, int(d.num_train), int(d.num_test), int(d.data_seed),
                                      vocab_size=int(d.vocab_size), extra_texts=extra,
-                                     question_types=tuple(d.get("question_types") or synthetic.QUESTION_TYPES))
+                                     question_types=tuple(d.get("question_types") or synthetic.QUESTION_TYPES),
+                                     num_rl=num_rl)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("synthetic_data")
@@ -54,7 +58,7 @@ def prepare_synthetic(config, workdir: str) -> SyntheticData:
   tok = synth_tokenizer.load_tokenizer(paths.tokenizer_dir)
   ids = synth_tokenizer.special_token_ids(tok)
   with config.unlocked():
-    config.data.train_files = paths.train_json
+    config.data.train_files = paths.rl_json if num_rl and config.get("task") == "grpo" else paths.train_json
     config.data.video_roots = paths.root
     config.data.tokenizer_dir = paths.tokenizer_dir
     config.model.vocab_size = int(ids["vocab_size"])
@@ -65,7 +69,7 @@ def prepare_synthetic(config, workdir: str) -> SyntheticData:
         vision_token_id=ids["vision_token_id"], image_token_id=ids["image_token_id"],
         video_token_id=ids["video_token_id"])
   return SyntheticData(root=paths.root, train_json=paths.train_json, test_json=paths.test_json,
-                       tokenizer_dir=paths.tokenizer_dir)
+                       tokenizer_dir=paths.tokenizer_dir, rl_json=paths.rl_json if num_rl else None)
 
 
 # --- greedy decoding on the KV cache -----------------------------------------------------------------------
