@@ -70,6 +70,8 @@ def get_config():
   # 64 completion rows of <= 2,560 tokens per update in one pass: 2 rows per chip on v5p-64 (32 chips), 14.7 GiB
   # of 81 in the dry run (remat full), est. MFU 31% vs 24% for 2 microbatches of 1 row. More microbatches only
   # to save memory on small slices; each must split over the chips (rows % (microbatches x data x fsdp) == 0).
+  # Costed with --loop_cost=marginal: 858 ms, est. MFU 65.3% (remat full, 15.5 GiB); remat dots_no_batch
+  # 743 ms, 75.4% at 47.2 GiB (a v5p lever: it does not fit v5e's 16 GB). See README "Before you rent a pod".
   c.train.microbatches = 1
   c.train.logprob_chunk = 512
   # Sample on a mesh over the same chips with heads/MLP over tensor=4 (28 q / 4 kv heads) and the prompts
