@@ -8,8 +8,8 @@ half the questions ask the colour of a video's one object, half the colour of th
 evaluates the randomly initialised tiny model on the 128 held-out questions (greedy, KV cache), SFTs it
 (steps and sizes below), evaluates again and prints a before/after table of accuracy, format-following
 (the trace rule of the GRPO format reward), answer rate, temporal-grounding mIoU and output length.
-Measured as the SFT phase of `python -m vt_jax.train --config=grpo_demo --workdir=/tmp/demoF`
-(2026-11-25, 2-core CPU shared with other jobs):
+Measured as the SFT phase of `python -m vt_jax.train --config=grpo_demo --workdir=/tmp/demoF` when that ran
+these 1,000 steps (2026-11-25, 2-core CPU shared with other jobs; the GRPO demo now stops SFT at 500):
 
   model                    accuracy %     format %   answered %       mIoU %  mean tokens
   before SFT (init)               0.0          0.0          0.0          0.0        160.0
@@ -66,6 +66,7 @@ def get_config():
   c.demo.num_train = 512
   c.demo.num_test = 128
   c.demo.num_rl = 0               # prompt-only videos for a GRPO phase (configs/grpo_demo.py sets them)
+  c.demo.rl_question_types = ()   # their question mix; empty: question_types
   # Half one-object colour questions, half "first/last of two objects" (vt_jax.data.synthetic.NUM_OBJECTS).
   c.demo.question_types = ("only_colour", "only_colour", "first_colour", "last_colour")
   c.demo.data_seed = 0

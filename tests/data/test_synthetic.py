@@ -196,6 +196,11 @@ def test_rl_split_is_held_out_and_leaves_the_other_splits_unchanged(tmp_path):
   synthetic.ensure_dataset(tmp_path / "rl", 4, 2, seed=3)  # no rl split asked -> regenerated without it
   assert not os.path.exists(paths.rl_json) and "num_rl" not in json.load(open(paths.manifest))
   assert len(os.listdir(paths.video_dir)) == 6
+  typed = synthetic.ensure_dataset(tmp_path / "rl", 4, 2, seed=3, num_rl=4, rl_question_types=("only_colour",))
+  assert {r["question_type"] for r in json.load(open(typed.rl_json))} == {"only_colour"}
+  assert json.load(open(typed.manifest))["rl_question_types"] == ["only_colour"]
+  with pytest.raises(ValueError, match="unknown"):
+    synthetic.ensure_dataset(tmp_path / "rl", 4, 2, seed=3, num_rl=4, rl_question_types=("which_shape",))
 
 
 def test_cli(tmp_path, capsys):

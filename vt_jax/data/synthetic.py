@@ -17,7 +17,8 @@ twice is asked twice as often). The CPU demo uses half only_colour, half first/l
 learns to read a colour off the frames only after a plateau of a few hundred steps (SFT demo with only
 one-object questions, 800 steps: 100% held-out accuracy; with half one-object, half colour_change
 questions and 500 steps it was still at chance, 25%), and locating the right one of two objects in time
-is beyond it at that budget (44% after 1,000 steps).
+is beyond it at that budget (44% after 1,000 steps). The demo's GRPO phase asks one-object questions
+about the videos of an extra prompt-only split (`num_rl`, `rl_question_types`).
 Options come in one fixed order per type (A-D = red, green, blue, yellow or left, right, up, down), so
 the letter follows from what was seen; answer letters and question types are exactly balanced. The
 reference trace is 1-3 `<time>`/`<caption>`/`<think>` triplets, then "The answer is X, option L." and
@@ -346,11 +347,13 @@ def _dump(records: list[dict[str, Any]], path: str) -> str:
 
 
 def _settings(num_train: int, num_test: int, seed: int, vocab_size: int,
-              question_types: Sequence[str], num_rl: int = 0) -> dict[str, Any]:
-  # num_rl is recorded only when used, so datasets written before the rl split existed stay valid.
+              question_types: Sequence[str], num_rl: int = 0,
+              rl_question_types: Sequence[str] = ()) -> dict[str, Any]:
+  # The rl split is recorded only when used, so datasets written before it existed stay valid.
+  rl = {"num_rl": num_rl, "rl_question_types": list(rl_question_types or question_types)} if num_rl else {}
   return {"format_version": FORMAT_VERSION, "num_train": num_train, "num_test": num_test,
           "seed": seed, "vocab_size": vocab_size, "height": HEIGHT, "width": WIDTH, "fps": FPS,
-          "question_types": list(question_types), **({"num_rl": num_rl} if num_rl else {})}
+          "question_types": list(question_types), **rl}
 
 
 def _check_types(question_types: Sequence[str]) -> tuple[str, ...]:
@@ -362,13 +365,14 @@ def _check_types(question_types: Sequence[str]) -> tuple[str, ...]:
 
 def generate_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: int = 64,
                      seed: int = 0, *, vocab_size: int = 1024, extra_texts: Sequence[str] = (),
-                     question_types: Sequence[str] = QUESTION_TYPES, num_rl: int = 0) -> SyntheticPaths:
+                     question_types: Sequence[str] = QUESTION_TYPES, num_rl: int = 0,
+                     rl_question_types: Sequence[str] | None = None) -> SyntheticPaths:
   """Write videos/, train.json, test.json, [rl.json,] tokenizer/ and (last) manifest.json under out_dir.
 
   Deterministic for (num_train, num_test, seed): byte-identical JSON and identical frames. The
   test split uses its own random stream, so it is held out (no shared videos or scripts); so does the
-  optional rl split (`num_rl` records, same format: GRPO reads only question, options and answer), and
-  adding it changes neither train, test nor the tokenizer.
+  optional rl split (`num_rl` records of `rl_question_types`, default the same mix; same format: GRPO
+  reads only question, options and answer), and adding it changes neither train, test nor the tokenizer.
   `extra_texts` (e.g. the real prompt) are added to the tokenizer's training text.
   """
   if num_train < 1 or num_test < 0 or num_rl < 0:
@@ -381,20 +385,22 @@ def generate_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test:
   shutil.rmtree(paths.video_dir, ignore_errors=True)
   os.makedirs(paths.video_dir, exist_ok=True)
   question_types = _check_types(question_types)
+  rl_types = _check_types(rl_question_types or question_types)
   train = _split((seed, 0), "train", num_train, 0, paths.video_dir, question_types)
   test = _split((seed, 1), "test", num_test, num_train, paths.video_dir, question_types)
   digests = {"train.json": _dump(train, paths.train_json),
              "test.json": _dump(test, paths.test_json)}
   rl = []
   if num_rl:
-    rl = _split((seed, 2), "rl", num_rl, num_train + num_test, paths.video_dir, question_types)
+    rl = _split((seed, 2), "rl", num_rl, num_train + num_test, paths.video_dir, rl_types)
     digests["rl.json"] = _dump(rl, paths.rl_json)
   elif os.path.exists(paths.rl_json):
     os.remove(paths.rl_json)
   texts = list(extra_texts) + [t for r in train + test
                                for t in (r["problem"], *r["options"], r["process"])]
   synth_tokenizer.build_tokenizer(texts, paths.tokenizer_dir, vocab_size=vocab_size)
-  manifest = {**_settings(num_train, num_test, seed, vocab_size, question_types, num_rl), "files": digests,
+  manifest = {**_settings(num_train, num_test, seed, vocab_size, question_types, num_rl, rl_types),
+              "files": digests,
               "videos": len(train) + len(test) + len(rl)}
   tmp = paths.manifest + ".tmp"
   with open(tmp, "w") as f:
@@ -405,7 +411,8 @@ def generate_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test:
 
 def ensure_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: int = 64,
                    seed: int = 0, *, vocab_size: int = 1024, extra_texts: Sequence[str] = (),
-                   question_types: Sequence[str] = QUESTION_TYPES, num_rl: int = 0) -> SyntheticPaths:
+                   question_types: Sequence[str] = QUESTION_TYPES, num_rl: int = 0,
+                   rl_question_types: Sequence[str] | None = None) -> SyntheticPaths:
   """Return the dataset under out_dir, generating it only if the manifest is missing, was written
   for other settings, or its files are gone (a cheap check: no video is decoded)."""
   out_dir = os.fspath(out_dir)
@@ -417,7 +424,8 @@ def ensure_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: i
     manifest = None
   if manifest is not None and all(manifest.get(k) == v for k, v in
                                   _settings(num_train, num_test, seed, vocab_size,
-                                            _check_types(question_types), num_rl).items()) \
+                                            _check_types(question_types), num_rl,
+                                            _check_types(rl_question_types or question_types)).items()) \
       and manifest.get("num_rl", 0) == num_rl:
     complete = (os.path.isfile(paths.train_json) and os.path.isfile(paths.test_json) and
                 (not num_rl or os.path.isfile(paths.rl_json)) and
@@ -427,7 +435,8 @@ def ensure_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: i
     if complete:
       return paths
   return generate_dataset(out_dir, num_train, num_test, seed, vocab_size=vocab_size,
-                          extra_texts=extra_texts, question_types=question_types, num_rl=num_rl)
+                          extra_texts=extra_texts, question_types=question_types, num_rl=num_rl,
+                          rl_question_types=rl_question_types)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

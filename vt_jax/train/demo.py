@@ -50,7 +50,7 @@ def prepare_synthetic(config, workdir: str) -> SyntheticData:
     paths = synthetic.ensure_dataset(root, int(d.num_train), int(d.num_test), int(d.data_seed),
                                      vocab_size=int(d.vocab_size), extra_texts=extra,
                                      question_types=tuple(d.get("question_types") or synthetic.QUESTION_TYPES),
-                                     num_rl=num_rl)
+                                     num_rl=num_rl, rl_question_types=tuple(d.get("rl_question_types") or ()))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("synthetic_data")
