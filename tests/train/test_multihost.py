@@ -20,7 +20,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TIMEOUT_S = 600
 
 
-def _launch(workdir, per_run, tmp_path, tag):
+def _launch(workdir, per_run, tmp_path, tag, extra=()):
   """Starts both processes, waits (with a timeout), returns their result dicts."""
   port = portpicker.pick_unused_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
@@ -30,7 +30,8 @@ def _launch(workdir, per_run, tmp_path, tag):
   for pid in range(2):
     out = str(tmp_path / f"{tag}_result_{pid}.json")
     log = open(tmp_path / f"{tag}_log_{pid}.txt", "w")
-    procs.append(subprocess.Popen([sys.executable, WORKER, str(pid), "2", str(port), workdir, str(per_run), out],
+    procs.append(subprocess.Popen([sys.executable, WORKER, str(pid), "2", str(port), workdir, str(per_run), out,
+                                   *extra],
                                   env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     outs.append(out)
     logs.append(log)
@@ -75,3 +76,22 @@ def test_two_processes_train_save_restore_and_match_one_process(tmp_path):
   for step in want:
     for key in ("loss", "grad_norm", "lr", "param_norm", "loss_weight"):
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5, err_msg=f"step {step} {key}")
+
+
+def test_processes_whose_data_ends_at_different_steps_stop_together(tmp_path):
+  """Finite, unequal shards: process 0's data ends after 3 batches, process 1's after 5. Process 0 feeds
+  zero-weight batches meanwhile (steps 4-5 train on process 1's rows only); step 6 finds every process
+  done, which both learn from step 6's metrics while step 7 runs; steps 6 and 7 leave the params alone."""
+  workdir = str(tmp_path / "run")
+  results = _launch(workdir, 0, tmp_path, "ends", extra=("3,5", "10"))
+  assert [r["status"] for r in results] == ["completed", "completed"] and [r["step"] for r in results] == [7, 7]
+  got = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE))}
+  assert sorted(got) == list(range(1, 8))
+  full = got[1]["loss_weight"]
+  assert all(got[s]["data_exhausted"] == 0.0 for s in range(1, 6))
+  assert got[6]["data_exhausted"] == got[7]["data_exhausted"] == 1.0
+  for s in (4, 5):  # process 1's half of the batch only
+    assert 0.0 < got[s]["loss_weight"] < full
+  assert got[6]["loss_weight"] == got[7]["loss_weight"] == 0.0
+  assert got[5]["param_norm"] == got[6]["param_norm"] == got[7]["param_norm"]
+  assert got[4]["param_norm"] != got[5]["param_norm"]

@@ -83,15 +83,18 @@ class ArrayBatches:
   """Cycles over in-memory global batches, yielding this process's rows of each; get/set_state is the
   position, so a restore continues exactly."""
 
-  def __init__(self, batches, shard=None):
+  def __init__(self, batches, shard=None, limit=None):
     self.batches = batches
     self.shard = shard
+    self.limit = limit  # StopIteration after this many batches (a finite shard); None: cycle forever
     self.position = 0
 
   def __iter__(self):
     return self
 
   def __next__(self):
+    if self.limit is not None and self.position >= self.limit:
+      raise StopIteration
     batch = self.batches[self.position % len(self.batches)]
     self.position += 1
     if self.shard is None or self.shard.count == 1:
@@ -112,16 +115,17 @@ def array_task_class():
 
   class ArrayTask(sft.SFTTask):
 
-    def __init__(self, config, batches, *, nan_at_steps=()):
+    def __init__(self, config, batches, *, nan_at_steps=(), limit=None):
       super().__init__(config)
       self.batches = batches
       self.nan_at_steps = set(nan_at_steps)
+      self.limit = limit
 
     def num_train_steps(self, global_batch):
       return None
 
     def make_data(self, shard):
-      return ArrayBatches(self.batches, shard)
+      return ArrayBatches(self.batches, shard, self.limit)
 
     def next_batch(self, data, state):
       batch = next(data)

@@ -41,6 +41,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vt_jax.train import checkpoint as ckpt_lib
 from vt_jax.train import distributed, flops as flops_lib, metrics as metrics_lib, optimizer as optim_lib
 
+# With several processes, each batch row says whether its process's data has ended (1.0) and the step
+# reports the minimum: the processes learn together, one step later, that all of them are done.
+DATA_EXHAUSTED_KEY = "data_exhausted"
+
 
 class TrainingDiverged(RuntimeError):
   """Too many consecutive non-finite steps; the run stopped without saving the bad state."""
@@ -114,6 +118,14 @@ class Task(abc.ABC):
   def num_train_steps(self, global_batch: int) -> int | None:
     """Steps in the configured number of epochs, when the task knows its data size."""
     return None
+
+  def zero_weight_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A copy of this process's `batch` that adds nothing to the loss: what a process whose data has
+    ended feeds while the other processes finish theirs (same shapes, so no recompile)."""
+    if "loss_mask" not in batch:
+      raise NotImplementedError(f"{type(self).__name__} ran out of data on one of several processes and "
+                                "has no loss_mask to zero; override zero_weight_batch")
+    return {**batch, "loss_mask": np.zeros_like(batch["loss_mask"])}
 
   def model_config(self) -> Any:
     """The ModelConfig, for the analytic FLOP count (None: no MFU)."""
@@ -195,6 +207,8 @@ def make_train_step(task: Task, graphdef: Any, tx: Any, schedule: Callable, *, m
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
+    batch = dict(batch)
+    exhausted = batch.pop(DATA_EXHAUSTED_KEY, None)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     params = state.params
     if microbatches == 1:
@@ -226,8 +240,11 @@ def make_train_step(task: Task, graphdef: Any, tx: Any, schedule: Callable, *, m
     lr = schedule(optim_lib.opt_step_count(state.opt_state))
     updates, new_opt = tx.update(grads, state.opt_state, params)
     new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+    # A global batch without a loss unit (every process past the end of its data) must not move the
+    # params either: AdamW would still apply momentum and weight decay.
+    apply = finite & (weight > 0)
     # Skipping is a select, not a branch: both sides exist already and nothing leaves the device.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, params),
@@ -250,6 +267,8 @@ def make_train_step(task: Task, graphdef: Any, tx: Any, schedule: Callable, *, m
       seg = batch["segment_ids"]
       metrics["real_tokens"] = jnp.sum(seg > 0).astype(jnp.float32)
       metrics["token_slots"] = jnp.asarray(seg.size, jnp.float32)
+    if exhausted is not None:
+      metrics[DATA_EXHAUSTED_KEY] = jnp.min(exhausted)  # 1: every process fed a zero-weight batch
     return new_state, metrics
 
   return step_fn
@@ -443,6 +462,11 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
     window = {"t": time.perf_counter(), "steps": 0, "flops": 0.0, "tokens": 0.0}
     last = {}
     status = "completed"
+    # One process's data may end before another's (finite epochs over unequal shards): it then feeds
+    # zero-weight batches, the others go on, and all stop at the same step once every one has ended.
+    flag_exhaustion = jax.process_count() > 1
+    exhausted = {"here": False, "everywhere": False}
+    last_local = None
 
     def consume(item):
       """Fetches a finished step's metrics (blocks until it is done), logs, checks divergence."""
@@ -452,6 +476,8 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
       window["steps"] += 1
       window["flops"] += step_flops
       window["tokens"] += m.get("real_tokens", 0.0)
+      if m.get(DATA_EXHAUSTED_KEY, 0.0) >= 1.0:
+        exhausted["everywhere"] = True
       if m["update_skipped"]:
         logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped "
                         "(%d in a row, %d in total)", step, m["loss"], m["grad_norm"],
@@ -488,12 +514,33 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
       if per_run and step > start_step + per_run:
         status = "paused"
         break
+      if exhausted["everywhere"]:
+        logging.info("the data of every process ended; stopping after step %d (of %d planned)", step - 1,
+                     total_steps)
+        break
       try:
+        if exhausted["here"]:
+          raise StopIteration
         local = task.next_batch(data, state)
       except StopIteration:
-        logging.info("the data ended after step %d (of %d planned)", step - 1, total_steps)
-        break
+        if not flag_exhaustion:
+          logging.info("the data ended after step %d (of %d planned)", step - 1, total_steps)
+          break
+        if last_local is None:
+          raise RuntimeError(f"process {jax.process_index()} has no data left at step {step}, the first of "
+                             "this run, and no batch to shape a zero-weight one from; the other processes "
+                             "would wait for it (fewer records than processes, or resumed after its data "
+                             "ended: set train.num_steps to the step reached)") from None
+        if not exhausted["here"]:
+          logging.info("this process's data ended after step %d; zero-weight batches until every process's "
+                       "has", step - 1)
+        exhausted["here"] = True
+        local = task.zero_weight_batch(last_local)
       host_metrics = dict(local.pop("host_metrics", None) or {})
+      if flag_exhaustion:
+        last_local = local
+        rows = next(iter(v for k, v in local.items() if k != "positions")).shape[0]
+        local = {**local, DATA_EXHAUSTED_KEY: np.full((rows,), float(exhausted["here"]), np.float32)}
       step_flops = 0.0
       if model_config is not None and "segment_ids" in local:
         step_flops = shard.count * flops_lib.train_step_flops(model_config, local, vision_trained=vision_trained)
