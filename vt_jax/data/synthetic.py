@@ -422,11 +422,9 @@ def ensure_dataset(out_dir: str | os.PathLike, num_train: int = 256, num_test: i
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError):
     manifest = None
-  if manifest is not None and all(manifest.get(k) == v for k, v in
-                                  _settings(num_train, num_test, seed, vocab_size,
-                                            _check_types(question_types), num_rl,
-                                            _check_types(rl_question_types or question_types)).items()) \
-      and manifest.get("num_rl", 0) == num_rl:
+  want = _settings(num_train, num_test, seed, vocab_size, _check_types(question_types), num_rl,
+                   _check_types(rl_question_types or question_types))
+  if manifest is not None and {k: v for k, v in manifest.items() if k not in ("files", "videos")} == want:
     complete = (os.path.isfile(paths.train_json) and os.path.isfile(paths.test_json) and
                 (not num_rl or os.path.isfile(paths.rl_json)) and
                 os.path.isfile(os.path.join(paths.tokenizer_dir, "tokenizer.json")) and

@@ -355,16 +355,15 @@ class GRPOTask(trainer.Task):
                    self.settings.rollout_param_dtype or "as trained")
     return model
 
-  def rollout_params(self, state: trainer.TrainState):
-    """(params, rest, mesh) that sampling runs with: the train state's own arrays on the training mesh,
-    or -- with grpo.rollout_mesh -- a copy resharded to the rollout mesh (floats cast to
-    grpo.rollout_param_dtype), made once per rollout and dropped after its sampling."""
-    params = trainer.all_params(state)
+  def rollout_params(self, params, rest):
+    """(params, rest, mesh) that sampling runs with: the train state's own arrays (`trainer.all_params`,
+    `state.rest`) on the training mesh, or -- with grpo.rollout_mesh -- a copy resharded to the rollout
+    mesh (floats cast to grpo.rollout_param_dtype), made once per rollout and dropped after its sampling."""
     if self._rollout_mesh is None:
-      return params, state.rest, self._mesh
+      return params, rest, self._mesh
     param_sh, rest_sh = self._rollout_shardings
     return (sampler_lib.reshard(params, param_sh, self.settings.rollout_param_dtype),
-            sampler_lib.reshard(state.rest, rest_sh), self._rollout_mesh)
+            sampler_lib.reshard(rest, rest_sh), self._rollout_mesh)
 
   def policy(self, state: trainer.TrainState) -> nnx.Module:
     """The current policy as a model (no copy: the train state's arrays)."""
@@ -552,7 +551,7 @@ class GRPOTask(trainer.Task):
     b = arrays["input_ids"].shape[0]
     params = trainer.all_params(state)
     t_params = time.perf_counter()
-    sample_params, sample_rest, sample_mesh = self.rollout_params(state)
+    sample_params, sample_rest, sample_mesh = self.rollout_params(params, state.rest)
     if self._rollout_mesh is not None:
       jax.block_until_ready(sample_params)  # times the reshard on its own (time/reshard_s)
     t_reshard = time.perf_counter()

@@ -72,10 +72,7 @@ def abstract_model_on(task: trainer.Task, mesh: Mesh, param_dtype=None):
   from vt_jax.model import sharding as msh  # pylint: disable=g-import-not-at-top
   from vt_jax.model.modeling import Qwen25VL  # pylint: disable=g-import-not-at-top
   from vt_jax.train import sft  # pylint: disable=g-import-not-at-top
-  m = task.config.model
-  kwargs = dict(param_dtype=sft._dtype(m.param_dtype, "model.param_dtype"),  # pylint: disable=protected-access
-                dtype=sft._dtype(m.dtype, "model.dtype"), remat=m.remat, attention=m.attention,  # pylint: disable=protected-access
-                max_group_windows=m.get("max_group_windows", "auto"))
+  kwargs = sft._model_kwargs(task.config)  # pylint: disable=protected-access  # the trainer's model arguments
   model_cfg = task.model_config()
   # Built outside the mesh context (as sharding.create_model does): logical names are not mesh axes.
   abstract = nnx.eval_shape(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(0), rules=msh.LOGICAL_RULES, **kwargs))

@@ -465,19 +465,18 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
     # One process's data may end before another's (finite epochs over unequal shards): it then feeds
     # zero-weight batches, the others go on, and all stop at the same step once every one has ended.
     flag_exhaustion = jax.process_count() > 1
-    exhausted = {"here": False, "everywhere": False}
+    ended_here = ended_everywhere = False
     last_local = None
 
     def consume(item):
       """Fetches a finished step's metrics (blocks until it is done), logs, checks divergence."""
-      nonlocal last
+      nonlocal last, ended_everywhere
       step, dev_metrics, host_metrics, step_flops = item
       m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
       window["steps"] += 1
       window["flops"] += step_flops
       window["tokens"] += m.get("real_tokens", 0.0)
-      if m.get(DATA_EXHAUSTED_KEY, 0.0) >= 1.0:
-        exhausted["everywhere"] = True
+      ended_everywhere = ended_everywhere or m.get(DATA_EXHAUSTED_KEY, 0.0) >= 1.0
       if m["update_skipped"]:
         logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped "
                         "(%d in a row, %d in total)", step, m["loss"], m["grad_norm"],
@@ -514,33 +513,32 @@ def train(task: Task, workdir: str, *, process: distributed.ProcessInfo | None =
       if per_run and step > start_step + per_run:
         status = "paused"
         break
-      if exhausted["everywhere"]:
+      if ended_everywhere:
         logging.info("the data of every process ended; stopping after step %d (of %d planned)", step - 1,
                      total_steps)
         break
-      try:
-        if exhausted["here"]:
-          raise StopIteration
-        local = task.next_batch(data, state)
-      except StopIteration:
-        if not flag_exhaustion:
-          logging.info("the data ended after step %d (of %d planned)", step - 1, total_steps)
-          break
-        if last_local is None:
-          raise RuntimeError(f"process {jax.process_index()} has no data left at step {step}, the first of "
-                             "this run, and no batch to shape a zero-weight one from; the other processes "
-                             "would wait for it (fewer records than processes, or resumed after its data "
-                             "ended: set train.num_steps to the step reached)") from None
-        if not exhausted["here"]:
+      if ended_here:
+        local = last_local  # the zero-weight batch, again
+      else:
+        try:
+          local = task.next_batch(data, state)
+        except StopIteration:
+          if not flag_exhaustion:
+            logging.info("the data ended after step %d (of %d planned)", step - 1, total_steps)
+            break
+          if last_local is None:
+            raise RuntimeError(f"process {jax.process_index()} has no data left at step {step}, the first of "
+                               "this run, and no batch to shape a zero-weight one from; the other processes "
+                               "would wait for it (fewer records than processes, or resumed after its data "
+                               "ended: set train.num_steps to the step reached)") from None
           logging.info("this process's data ended after step %d; zero-weight batches until every process's "
                        "has", step - 1)
-        exhausted["here"] = True
-        local = task.zero_weight_batch(last_local)
+          ended_here = True
+          local = task.zero_weight_batch(last_local)
       host_metrics = dict(local.pop("host_metrics", None) or {})
       if flag_exhaustion:
         last_local = local
-        rows = next(iter(v for k, v in local.items() if k != "positions")).shape[0]
-        local = {**local, DATA_EXHAUSTED_KEY: np.full((rows,), float(exhausted["here"]), np.float32)}
+        local = {**local, DATA_EXHAUSTED_KEY: np.full((shard.rows,), float(ended_here), np.float32)}
       step_flops = 0.0
       if model_config is not None and "segment_ids" in local:
         step_flops = shard.count * flops_lib.train_step_flops(model_config, local, vision_trained=vision_trained)
