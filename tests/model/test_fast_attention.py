@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from vt_jax.model.attention import attention as xla_attention
+from vt_jax.model.attention import attention as xla_attention, cache_attention
 from vt_jax.model import fast_attention as fa
 
 
@@ -180,6 +180,38 @@ def test_decode_step_against_a_cache_matches_xla_on_every_path():
   np.testing.assert_allclose(
       want[:1], reference_attention(q[:1], k[:1, :5], v[:1, :5], q_seg[:1], kv_seg[:1, :5],
                                     causal=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("new_tokens", [1, 5])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_cache_attention_on_a_heads_first_cache_equals_attention(new_tokens, dtype):
+  # The KV cache is [B, K, S, D]; cache_attention must give what attention gives on the [B, S, K, D] view,
+  # for a decode step (1 token) and a prefill-like extend (5 tokens), on XLA and through a kernel's path.
+  b, s, heads, kv_heads, d = 2, 12, 6, 2, 8
+  q, _, _ = random_qkv(b, new_tokens, heads, kv_heads, d, seed=8)
+  _, k, v = random_qkv(b, s, heads, kv_heads, d, seed=9)
+  q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+  first = np.asarray([3, 6])  # slot of each row's first new token; later slots hold no token yet
+  q_pos = (first[:, None] + np.arange(new_tokens)).astype(np.int32)
+  kv_pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+  kv_seg = (kv_pos < first[:, None] + new_tokens).astype(np.int32)
+  kv_seg[0, 1] = 0  # a padding slot inside row 0's prompt
+  q_seg = np.ones((b, new_tokens), np.int32)
+  kwargs = dict(q_positions=q_pos, kv_positions=kv_pos)
+  heads_first = lambda t: jnp.swapaxes(t, 1, 2)
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(xla_attention(q, k, v, q_seg, kv_seg, causal=True, impl="xla", **kwargs), np.float32)
+    for impl in ("xla", "auto", "splash"):
+      got = cache_attention(q, heads_first(k), heads_first(v), q_seg, kv_seg, impl=impl, **kwargs)
+      assert got.shape == q.shape and got.dtype == q.dtype
+      np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-6 if dtype == np.float32 else 2e-2,
+                                 err_msg=impl)
+  # Row 0, first new token: slots 0, 2, 3 only (1 is padding, 4.. are later tokens or empty).
+  if dtype == np.float32:
+    keep = [0, 2, 3]
+    np.testing.assert_allclose(
+        want[:1, :1], reference_attention(q[:1, :1], k[:1, keep], v[:1, keep], q_seg[:1, :1],
+                                          np.ones((1, 3), np.int32), causal=False), atol=1e-5)
 
 
 def test_select_attention_impl():

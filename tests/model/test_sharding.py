@@ -101,7 +101,7 @@ def test_sharded_kv_cache_decode_equals_single_device(mesh, tmp_path):
   with jax.set_mesh(mesh):
     cache_sh = S.kv_cache_shardings(mesh)
     cache = jax.jit(lambda: sharded.init_cache(4, 12, jnp.float32), out_shardings=cache_sh)()
-    assert cache.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert cache.k.sharding.spec == P(None, ("data", "fsdp"), "tensor", None, None)
     got = nnx.jit(generate)(sharded, ids, positions, seg, cache)
     assert got[2].k.sharding.is_equivalent_to(cache.k.sharding, 5)
   for g, w in zip(got[:2], want[:2]):

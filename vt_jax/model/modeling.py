@@ -72,8 +72,13 @@ class Qwen25VL(nnx.Module):
 
   def logits(self, hidden):
     """Final-normed hidden `[..., D]` -> fp32 logits `[..., V]` (bf16 matmul, fp32 accumulation)."""
-    out = jnp.einsum("...d,dv->...v", hidden.astype(self.dtype), self.lm_head_kernel(),
-                     preferred_element_type=jnp.float32)
+    if self.lm_head is None:
+      # Tied: contract the [V, D] table as stored. Through the transposed view XLA:CPU ran a bf16 decode
+      # step's logits ~2x slower (15.6 vs 7 ms on the small preset, 8 rows).
+      weight, spec = self.text.embed_tokens[...].astype(self.dtype), "...d,vd->...v"
+    else:
+      weight, spec = self.lm_head_kernel(), "...d,dv->...v"
+    out = jnp.einsum(spec, hidden.astype(self.dtype), weight, preferred_element_type=jnp.float32)
     if out.ndim == 3:
       out = constrain(out, ("act_batch", "act_length", "act_vocab"), self.rules)
     return out

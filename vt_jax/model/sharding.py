@@ -150,8 +150,8 @@ def create_model(config, mesh: jax.sharding.Mesh, rules: Rules | None = None, *,
 
 
 CACHE_AXES = {
-    "k": ("layers", "cache_batch", "cache_length", "cache_kv_heads", None),
-    "v": ("layers", "cache_batch", "cache_length", "cache_kv_heads", None),
+    "k": ("layers", "cache_batch", "cache_kv_heads", "cache_length", None),  # text.CACHE
+    "v": ("layers", "cache_batch", "cache_kv_heads", "cache_length", None),
     "valid": ("cache_batch", "cache_length"),
     "index": (),
     "next_position": ("cache_batch",),

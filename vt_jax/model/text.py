@@ -9,13 +9,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vt_jax.model.attention import attention
+from vt_jax.model.attention import attention, cache_attention
 from vt_jax.model.config import TextConfig
 from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, constrain, mrope_cos_sin, normal_init,
                                  param, scan_layers, stack_layers)
 
 ACT = ("act_batch", "act_length", "act_embed")
-CACHE = ("cache_batch", "cache_length", "cache_kv_heads", None)  # one layer's k or v
+# The stacked k or v cache, `[layers, B, K, S, head_dim]`: kv heads before slots, so each head's slots are
+# contiguous and the attention dots read a layer's cache in place (a `[B, S, K, hd]` layer made XLA
+# transpose the whole cache of every layer at every decode step).
+CACHE = ("layers", "cache_batch", "cache_kv_heads", "cache_length", None)
 
 
 class DecoderLayer(nnx.Module):
@@ -69,7 +72,7 @@ class DecoderLayer(nnx.Module):
 class KVCache:
   """Static-size KV cache shared by a batch of right-padded prompts.
 
-  k, v:          `[layers, B, S, K, head_dim]`.
+  k, v:          `[layers, B, K, S, head_dim]` (axes `CACHE`).
   valid:         `[B, S]` bool, True where a slot holds a real token (prompt padding stays False).
   index:         `[]` int32, the next slot to write -- one write index for the whole batch.
   next_position: `[B]` int32, the M-RoPE position of the next token per row (max position + 1 after the
@@ -83,7 +86,7 @@ class KVCache:
 
   @property
   def max_length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 class TextDecoder(nnx.Module):
@@ -125,7 +128,7 @@ class TextDecoder(nnx.Module):
 
   def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
     cfg = self.cfg
-    shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_length, cfg.head_dim)
     dtype = self.dtype if dtype is None else dtype
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
@@ -145,17 +148,23 @@ class TextDecoder(nnx.Module):
     kv_pos = jnp.broadcast_to(jnp.arange(cache.max_length), (batch, cache.max_length))
     q_seg, kv_seg = new_valid.astype(jnp.int32), valid.astype(jnp.int32)
 
-    def body(layer, x, kv):
-      k_cache, v_cache = kv
+    # The whole stacked cache rides in the layer scan's carry and each layer writes only its T new slots in
+    # place; as a scanned input/output every layer's cache was sliced out and stacked back (two copies of
+    # the whole cache per step).
+    def body(layer, carry, _):
+      x, k_all, v_all, i = carry
       q, k, v = layer.project(x, cos, sin, self.rules)
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-      k_cache = constrain(k_cache, CACHE, self.rules)
-      v_cache = constrain(v_cache, CACHE, self.rules)
-      out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), q_seg, kv_seg, causal=True,
-                      q_positions=q_pos, kv_positions=kv_pos, impl=layer.attention_impl)
-      return layer.finish(x, out, self.rules), (k_cache, v_cache)
 
-    x, (k_new, v_new) = scan_layers(self.layers, body, x, (cache.k, cache.v))
+      def write(stacked, new):  # new [B, T, K, hd] -> slots index..index+T-1 of layer i
+        new = jnp.swapaxes(new, 1, 2)[None].astype(stacked.dtype)
+        return constrain(jax.lax.dynamic_update_slice(stacked, new, (i, 0, 0, index, 0)), CACHE, self.rules)
+
+      k_all, v_all = write(k_all, k), write(v_all, v)
+      read = lambda stacked: jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False).astype(q.dtype)
+      out = cache_attention(q, read(k_all), read(v_all), q_seg, kv_seg, q_positions=q_pos, kv_positions=kv_pos,
+                            impl=layer.attention_impl)
+      return (layer.finish(x, out, self.rules), k_all, v_all, i + 1), None
+
+    (x, k_new, v_new, _), _ = scan_layers(self.layers, body, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)))
     cache = cache.replace(k=k_new, v=v_new, valid=valid, index=index + t)
     return self.norm(x), cache

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from vt_jax.model.sharding import constrain
+from vt_jax.model.text import CACHE
 
 VISION_KEYS = ("pixel_values", "vision_pos_hw", "vision_window_ids", "vision_group_ids")
 PROMPT_INPUT_KEYS = ("input_ids", "positions", "segment_ids", "next_position", "vision_token_index",
@@ -279,7 +280,7 @@ def _repeat_rows(tree, group_size: int, rules):
     return tree
   logits, cache, has_prompt = tree
   rep = functools.partial(jnp.repeat, repeats=group_size)
-  kv_axes = (None, "cache_batch", "cache_length", "cache_kv_heads", None)
+  kv_axes = (None,) + CACHE[1:]
   cache = cache.replace(k=constrain(rep(cache.k, axis=1), kv_axes, rules),
                         v=constrain(rep(cache.v, axis=1), kv_axes, rules),
                         valid=rep(cache.valid, axis=0), next_position=rep(cache.next_position, axis=0))
