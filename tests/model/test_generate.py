@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import nnx
 
-from vt_jax.model import hf_io
+from vt_jax.model import hf_io, text as text_module
 from vt_jax.model.inputs import build_model_inputs
 
 from tests.model.hf_tiny import TINY, make_hf_model, pixels, prompt
@@ -29,16 +29,16 @@ def _decode(model, cache, tokens):
   return model.decode_step(cache, tokens)
 
 
-def greedy(model, batch, new_tokens):
+def greedy(model, batch, new_tokens, prefill=_prefill, decode=_decode):
   """Right-padded prompts -> [B, new_tokens] greedy tokens via prefill + decode_step."""
   b, length = batch["input_ids"].shape
   cache = model.init_cache(b, length + new_tokens, dtype=jnp.float32)
-  logits, cache = _prefill(model, cache, batch)
+  logits, cache = prefill(model, cache, batch)
   out = []
   for _ in range(new_tokens):
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out.append(token)
-    logits, cache = _decode(model, cache, token)
+    logits, cache = decode(model, cache, token)
   return np.stack([np.asarray(t) for t in out], axis=1), cache
 
 
@@ -88,14 +88,19 @@ def test_greedy_matches_transformers_generate(models):
   np.testing.assert_array_equal(np.asarray(cache.next_position), batch["next_position"] + NEW_TOKENS)
 
 
-def test_decode_equals_full_forward(models):
-  """Logits of the cached decode == logits of one full forward over prompt + generated tokens."""
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_decode_equals_full_forward(models, monkeypatch, platform):
+  """Logits of the cached decode == logits of one full forward over prompt + generated tokens, with the
+  cache carried through the layer scan (CPU) and scanned in and out per layer (TPU / GPU)."""
   _, ours = models
   rng = np.random.default_rng(2)
   right, mask_r, _, _, images, videos = _prompts(rng)
   px_i, px_v = pixels(images, rng), pixels(videos, rng)
   batch = build_model_inputs(TINY, right, mask_r, px_i, images, px_v, videos, [1.0])
-  gen, _ = greedy(ours, {k: jnp.asarray(v) for k, v in batch.items()}, 6)
+  monkeypatch.setattr(text_module, "current_platform", lambda: platform)
+  # Fresh jits: the choice is made at trace time.
+  prefill, decode = nnx.jit(_prefill.__wrapped__), nnx.jit(_decode.__wrapped__)
+  gen, _ = greedy(ours, {k: jnp.asarray(v) for k, v in batch.items()}, 6, prefill, decode)
   lengths = mask_r.sum(1)
   b, length = right.shape
   full_ids = np.full((b, length + 6), TINY.pad_token_id, np.int64)
