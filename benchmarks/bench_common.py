@@ -50,7 +50,8 @@ def machine_info(threads: int) -> dict:
           "load_avg_1m": round(os.getloadavg()[0], 2), "platform": platform.platform(),
           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
           "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-          "transformers": __import__("transformers").__version__, "jax_backend": jax.default_backend()}
+          "transformers": __import__("transformers").__version__, "jax_backend": jax.default_backend(),
+          "malloc": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"}
 
 
 def load_avg() -> float:

@@ -106,7 +106,7 @@ def test_grpo_with_rollout_mesh_equals_training_mesh(tmp_path):
   assert [m["reward/total/mean"] for m in roll] == [m["reward/total/mean"] for m in plain]
   for key in ("loss", "grad_norm", "kl"):
     np.testing.assert_allclose([m[key] for m in roll], [m[key] for m in plain], rtol=1e-5, atol=1e-7, err_msg=key)
-  assert all(m["time/reshard_s"] >= 0 for m in roll) and "time/reshard_s" not in plain[0]
+  assert all(m["time/reshard_s"] > 0 for m in roll) and "time/reshard_s" not in plain[0]
 
 
 def test_reshard_goes_through_a_fully_sharded_stop():

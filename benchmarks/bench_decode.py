@@ -1,0 +1,153 @@
+"""Where one decode step's time goes on this CPU, against the memory-bandwidth floor.
+
+    .venv/bin/python benchmarks/bench_decode.py            # ~2 min on 2 cores
+
+A decode step reads every weight once (and the KV cache up to its length) for 8 rows of one token each, so
+on a CPU it is bound by memory bandwidth, not FLOPs. This times, on the "small" preset (text 512 x 8
+layers, vocab 151,936 tied) with 8 rows, a `lax.fori_loop` of `model.decode_step` (the sampler's inner
+loop, cache carried and donated), its decoder layers alone and its logits alone, at two cache lengths,
+in fp32 and bf16; and the machine's read bandwidth (an XLA sum over 1 GiB). The floor of a step is the
+bytes it must read (decoder-layer weights + output embedding + the cache's k/v) over that bandwidth.
+Writes benchmarks/results/bench_decode.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as BC  # noqa: E402
+
+ROWS, STEPS = 8, 32
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--threads", type=int, default=0)
+  p.add_argument("--lengths", default="128,834", help="cache slots (834 = bench_rollout's 578 + 256)")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--out", default=BC.RESULTS)
+  return p.parse_args(argv)
+
+
+def _best_seconds(fn, args, repeats):
+  import jax
+  jax.block_until_ready(fn(*args))  # compile
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def read_bandwidth(repeats: int) -> float:
+  """Bytes/s of an XLA sum over 1 GiB of fp32 (one read of every byte, all cores)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((1 << 28,), jnp.float32)
+  seconds = _best_seconds(jax.jit(lambda a: a.sum()), (x,), repeats)
+  return x.nbytes / seconds
+
+
+def step_programs(model, length: int):
+  """Jitted loops of STEPS decode steps: the whole step, its decoder layers, its logits."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  graphdef, _ = nnx.split(model)
+  hidden = model.config.text.hidden_size
+
+  def full(state, tokens):
+    m = nnx.merge(graphdef, state)
+
+    def body(_, carry):
+      cache, t = carry
+      logits, cache = m.decode_step(cache, t)
+      return cache, jnp.argmax(logits, -1).astype(jnp.int32)  # the next step depends on this one's logits
+    return jax.lax.fori_loop(0, STEPS, body, (m.init_cache(ROWS, length), tokens))[1]
+
+  def layers(state, tokens):
+    m = nnx.merge(graphdef, state)
+
+    def body(_, cache):
+      pos = jnp.broadcast_to(cache.next_position[None, :, None], (3, ROWS, 1))
+      h, cache = m.text.extend(m.text.embed(tokens[:, None]), pos, jnp.ones((ROWS, 1), bool), cache)
+      return cache.replace(next_position=cache.next_position + 1 + (h[:, 0, 0] > 1e30).astype(jnp.int32))
+    cache = jax.lax.fori_loop(0, STEPS, body, m.init_cache(ROWS, length))
+    return cache.k[:, :, :, :STEPS].sum() + cache.next_position.sum()
+
+  def logits(state, tokens):
+    m = nnx.merge(graphdef, state)
+
+    def body(_, h):
+      return h + m.logits(h)[:, :hidden] * 1e-9
+    return jax.lax.fori_loop(0, STEPS, body, jnp.ones((ROWS, hidden), jnp.float32) + tokens[:, None])
+
+  return {"decode step": jax.jit(full), "decoder layers": jax.jit(layers), "logits": jax.jit(logits)}
+
+
+def floor_bytes(model, length: int) -> dict[str, int]:
+  import jax
+  from flax import nnx
+  text = model.text
+  itemsize = lambda a: a.size * a.dtype.itemsize
+  layer_bytes = sum(itemsize(a) for a in jax.tree.leaves(nnx.state(text.layers, nnx.Param)))
+  table = model.text.embed_tokens[...] if model.lm_head is None else model.lm_head.kernel[...]
+  cfg = model.config.text
+  cache = 2 * cfg.num_hidden_layers * ROWS * cfg.num_key_value_heads * length * cfg.head_dim * \
+      jax.numpy.dtype(model.dtype).itemsize
+  return {"decoder layers": layer_bytes + cache, "logits": itemsize(table),
+          "decode step": layer_bytes + cache + itemsize(table)}
+
+
+def run(args):
+  import jax.numpy as jnp
+  from flax import nnx
+  from vt_jax.model import config as C
+  from vt_jax.model.modeling import Qwen25VL
+  bandwidth = read_bandwidth(args.repeats)
+  rows = []
+  for dtype in ("float32", "bfloat16"):
+    model = Qwen25VL(C.PRESETS["small"], rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    state = nnx.split(model)[1]
+    tokens = jnp.zeros((ROWS,), jnp.int32)
+    for length in (int(x) for x in args.lengths.split(",")):
+      floors = floor_bytes(model, length)
+      for part, fn in step_programs(model, length).items():
+        ms = _best_seconds(fn, (state, tokens), args.repeats) / STEPS * 1e3
+        floor_ms = floors[part] / bandwidth * 1e3
+        rows.append({"dtype": dtype, "cache_slots": length, "part": part, "ms_per_step": round(ms, 2),
+                     "bytes_read": floors[part], "floor_ms": round(floor_ms, 2),
+                     "of_floor": round(floor_ms / ms, 3)})
+        print(rows[-1], flush=True)
+  record = {"benchmark": "decode step time vs the memory-bandwidth floor",
+            "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), BC.ROOT)] + sys.argv[1:]),
+            "config": "small (text 512 x 8 layers, vocab 151936 tied)", "rows_per_step": ROWS,
+            "read_bandwidth_gb_s": round(bandwidth / 1e9, 1), "rows": rows, "load_avg_1m_end": BC.load_avg()}
+  md = ["## Decode step vs the memory-bandwidth floor (same CPU)", "",
+        f"`{record['command']}` -- {record['config']}; {ROWS} rows, one token each; best of {args.repeats} runs "
+        f"of {STEPS} steps. Read bandwidth (XLA sum over 1 GiB): {record['read_bandwidth_gb_s']} GB/s. Floor = "
+        "bytes read per step / that bandwidth. Load average at the end: " f"{record['load_avg_1m_end']}.", "",
+        "| dtype | cache slots | part | ms per step | MB read | floor (ms) | floor / measured |",
+        "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    md.append(f"| {r['dtype']} | {r['cache_slots']} | {r['part']} | {r['ms_per_step']} | "
+              f"{r['bytes_read'] / 1e6:.0f} | {r['floor_ms']} | {r['of_floor']:.0%} |")
+  return record, md
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  threads = BC.pin_threads(args.threads)
+  record, md = run(args)
+  record["machine"] = BC.machine_info(threads)
+  BC.write_results("bench_decode", record, md, args.out)
+  print("\n".join(md))
+
+
+if __name__ == "__main__":
+  main()
