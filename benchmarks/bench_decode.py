@@ -29,8 +29,12 @@ def parse_args(argv=None):
   p.add_argument("--threads", type=int, default=0)
   p.add_argument("--lengths", default="128,834", help="cache slots (834 = bench_rollout's 578 + 256)")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
   p.add_argument("--out", default=BC.RESULTS)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.quick:
+    args.lengths, args.repeats = "834", 3
+  return args
 
 
 def _best_seconds(fn, args, repeats):

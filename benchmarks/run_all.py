@@ -12,6 +12,8 @@ cores; each also runs alone):
   3. input     bench_input.py         load_video samples/s vs the qwen-vl-utils path    target >= 2x
   4. mfu       (from 1)               train-step MFU vs the matmul peak of the same run target >= 35%
   5. scaling   bench_scaling.py       step time vs frames / sequence length; vision tower blockwise vs dense
+     decode    bench_decode.py        a decode step's parts vs the memory-bandwidth floor (where rollout time goes)
+     attention bench_attention.py     causal self-attention fwd + bwd vs torch sdpa (where long-row step time goes)
   6. dry_run   `python -m vt_jax.train --config={sft,grpo} --dry_run --topology={v5p-64,v5e-256}` (7B,
                splash attention, batch overrides that split over the chips; ~10 min per SFT compile on 2
                cores; --quick: SFT on v5p-64 only), when the CLI has the flag; otherwise the section says
@@ -40,9 +42,11 @@ PARTS = {
     "rollout": "bench_rollout.py",
     "input": "bench_input.py",
     "scaling": "bench_scaling.py",
+    "decode": "bench_decode.py",
+    "attention": "bench_attention.py",
 }
 RESULT_NAMES = {"sft": "bench_sft_vs_torch", "rollout": "bench_rollout", "input": "bench_input",
-                "scaling": "bench_scaling"}
+                "scaling": "bench_scaling", "decode": "bench_decode", "attention": "bench_attention"}
 # (config, topology, overrides): the batch must split over the chips (every chip an equal share of every
 # microbatch), so each slice gets the row counts the README's dry-run section uses.
 DRY_RUNS = [
@@ -197,7 +201,7 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="reduced inputs and repeats in every part")
   p.add_argument("--threads", type=int, default=0, help="cores for torch and XLA alike (default: all)")
-  p.add_argument("--only", default="sft,rollout,input,scaling,dry_run")
+  p.add_argument("--only", default="sft,rollout,input,scaling,decode,attention,dry_run")
   p.add_argument("--out", default=RESULTS)
   p.add_argument("--part_timeout", type=int, default=4 * 3600)
   p.add_argument("--dry_run_timeout", type=int, default=3600)
