@@ -1,6 +1,6 @@
 """Causal self-attention forward + backward on CPU: our XLA path vs torch's scaled_dot_product_attention.
 
-    .venv/bin/python benchmarks/bench_attention.py            # ~1 min on 2 cores
+    .venv/bin/python benchmarks/bench_attention.py            # ~15 s on 2 cores
 
 One decoder layer's attention of the "small" preset (8 query heads, 2 kv heads, head dim 64), one packed
 row of L tokens in one segment, fp32, at several L. This is the part of the SFT step that grows fastest

@@ -1,6 +1,6 @@
 """Where one decode step's time goes on this CPU, against the memory-bandwidth floor.
 
-    .venv/bin/python benchmarks/bench_decode.py            # ~2 min on 2 cores
+    .venv/bin/python benchmarks/bench_decode.py            # ~1 min on 2 cores
 
 A decode step reads every weight once (and the KV cache up to its length) for 8 rows of one token each, so
 on a CPU it is bound by memory bandwidth, not FLOPs. This times, on the "small" preset (text 512 x 8

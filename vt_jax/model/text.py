@@ -17,8 +17,8 @@ from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, cons
 
 ACT = ("act_batch", "act_length", "act_embed")
 # The stacked k or v cache, `[layers, B, K, S, head_dim]`: kv heads before slots, so each head's slots are
-# contiguous and the attention dots read a layer's cache in place (a `[B, S, K, hd]` layer made XLA
-# transpose the whole cache of every layer at every decode step).
+# contiguous and the attention dots read a layer's cache in place (with `[B, S, K, hd]` layers XLA:CPU
+# transposed every layer's whole cache at every decode step; the TPU estimate is the same either way).
 CACHE = ("layers", "cache_batch", "cache_kv_heads", "cache_length", None)
 
 
