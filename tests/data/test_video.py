@@ -186,6 +186,17 @@ def test_patchify_rows_are_conv3d_patches_in_merge_order():
   torch.testing.assert_close(emb, torch.stack(expect), atol=1e-3, rtol=1e-4)
 
 
+def test_pixel_values_equals_patchify_of_normalize_bit_for_bit():
+  # The loaders' fast path (transpose uint8, normalise the rows) must give exactly the two-step result.
+  frames = np.random.default_rng(3).integers(0, 256, (5, 56, 84, 3), dtype=np.uint8)  # odd T: padding
+  got, grid = V.pixel_values(frames)
+  want, want_grid = V.patchify(V.normalize(frames))
+  assert got.dtype == np.float32 and grid.tolist() == want_grid.tolist() == [3, 4, 6]
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="uint8"):
+    V.pixel_values(frames.astype(np.float32))
+
+
 def test_patchify_rejects_bad_sizes():
   with pytest.raises(ValueError, match="multiples of 28"):
     V.patchify(np.zeros((2, 30, 28, 3), np.float32))

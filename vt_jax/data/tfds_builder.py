@@ -162,8 +162,7 @@ def decode_example(example: Mapping[str, Any], *, temporal_patch_size: int = 2, 
     frames.append(bgr[..., ::-1])
   if not frames:
     raise PreparedDataError(f"{record.source_file}, record {record.index}: no frames stored")
-  pixel_values, grid = video_lib.patchify(video_lib.normalize(np.stack(frames)), temporal_patch_size,
-                                          patch_size, merge_size)
+  pixel_values, grid = video_lib.pixel_values(np.stack(frames), temporal_patch_size, patch_size, merge_size)
   stored = np.asarray(example["grid_thw"]).tolist()
   if grid.tolist() != stored:
     raise PreparedDataError(f"{record.source_file}, record {record.index}: frames give grid "

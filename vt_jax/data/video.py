@@ -7,8 +7,8 @@ Pipeline for one video (`load_video`):
   -> `decode_frames` (OpenCV, only the needed frames) -> `resize_frames` to `smart_resize` dims
   -> `normalize` (1/255, CLIP mean/std) -> `patchify` (Qwen patch order, `[n_patches, 1176]`).
 
-The tfds-prepared path stores the resized uint8 frames (JPEG) and calls `patchify(normalize(x))`
-at load time, so every stage is public and pure where it can be.
+The tfds-prepared path stores the resized uint8 frames (JPEG) and calls `pixel_values(x)` (=
+`patchify(normalize(x))`) at load time, so every stage is public and pure where it can be.
 
 Resize (why "exact" is the default)
 -----------------------------------
@@ -367,9 +367,12 @@ def patchify(frames: np.ndarray, temporal_patch_size: int = 2, patch_size: int =
   Rows follow Qwen's order: temporal group, then 2x2 merge blocks in raster order, then the
   four patches of a block; each row flattens (C, tp, p, p), the Conv3d patch-embed layout.
   The frame count is padded to a multiple of temporal_patch_size by repeating the last frame.
-  H and W must be multiples of patch_size * merge_size.
+  H and W must be multiples of patch_size * merge_size. uint8 frames stay uint8 (see
+  `pixel_values`); anything else becomes float32.
   """
-  frames = np.asarray(frames, np.float32)
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8:
+    frames = frames.astype(np.float32, copy=False)
   if frames.ndim != 4:
     raise ValueError(f"patchify expects [T, H, W, C], got shape {frames.shape}")
   t, h, w, c = frames.shape
@@ -387,6 +390,23 @@ def patchify(frames: np.ndarray, temporal_patch_size: int = 2, patch_size: int =
   pixel_values = np.ascontiguousarray(x).reshape(gt * gh * gw,
                                                  c * temporal_patch_size * patch_size**2)
   return pixel_values, np.array([gt, gh, gw], np.int64)
+
+
+def pixel_values(frames: np.ndarray, temporal_patch_size: int = 2, patch_size: int = 14,
+                 merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 RGB frames `[T, H, W, 3]` -> `patchify(normalize(frames))`, bit for bit, but cheaper: the
+  patch transpose moves uint8 (a quarter of the bytes) and the normalisation runs in place on the rows,
+  each column with its channel's mean and std (the same float32 operations, so the same values)."""
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8:
+    raise ValueError(f"pixel_values expects uint8 frames, got {frames.dtype}")
+  rows, grid_thw = patchify(frames, temporal_patch_size, patch_size, merge_size)
+  per_channel = rows.shape[1] // len(CLIP_MEAN)  # columns are (C, tp, p, p)
+  x = rows.astype(np.float32)
+  x *= np.float32(1.0 / 255.0)
+  x -= np.repeat(np.asarray(CLIP_MEAN, np.float32), per_channel)
+  x /= np.repeat(np.asarray(CLIP_STD, np.float32), per_channel)
+  return x, grid_thw
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,11 +677,11 @@ def load_video(path: str | os.PathLike, sampling: VideoSampling = VideoSampling(
   _, _, window = frame_window(total, info.fps, sampling.start, sampling.end)
   h, w = video_resize_dims(rgb.shape[1], rgb.shape[2], n, sampling)
   resized = resize_frames(rgb, h, w, sampling.resize)
-  pixel_values, grid_thw = patchify(normalize(resized), sampling.temporal_patch_size,
-                                    sampling.patch_size, sampling.merge_size)
+  pixels, grid_thw = pixel_values(resized, sampling.temporal_patch_size, sampling.patch_size,
+                                  sampling.merge_size)
   sampled_fps = n / window * info.fps
   return VideoFrames(
-      pixel_values=pixel_values, grid_thw=grid_thw, frame_indices=indices,
+      pixel_values=pixels, grid_thw=grid_thw, frame_indices=indices,
       timestamps=indices / info.fps, video_fps=info.fps, total_frames=total,
       sampled_fps=sampled_fps, second_per_grid=sampling.temporal_patch_size / sampled_fps,
       path=path, frames_uint8=resized if keep_uint8 else None)
@@ -692,6 +712,5 @@ def load_image(path: str | os.PathLike, min_pixels: int = IMAGE_MIN_PIXELS,
   except ValueError as e:
     raise ImageError(path, str(e)) from None
   resized = resize_frames(np.ascontiguousarray(rgb), h, w, resize)
-  pixel_values, grid_thw = patchify(normalize(resized), temporal_patch_size, patch_size,
-                                    merge_size)
-  return ImageFrames(pixel_values=pixel_values, grid_thw=grid_thw, path=path)
+  pixels, grid_thw = pixel_values(resized, temporal_patch_size, patch_size, merge_size)
+  return ImageFrames(pixel_values=pixels, grid_thw=grid_thw, path=path)
