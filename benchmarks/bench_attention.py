@@ -77,7 +77,7 @@ def run(args):
     print(row, flush=True)
     rows.append(row)
   record = {"benchmark": "causal self-attention fwd + bwd: XLA path vs torch sdpa",
-            "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), BC.ROOT)] + sys.argv[1:]),
+            "command": BC.command(__file__),
             "shape": f"1 row, {HEADS} heads / {KV_HEADS} kv heads, head dim {HEAD_DIM}, fp32", "rows": rows,
             "load_avg_1m_end": BC.load_avg()}
   md = ["## Causal self-attention, forward + backward: vt_jax XLA path vs torch sdpa (same CPU, same threads)", "",
@@ -92,12 +92,7 @@ def run(args):
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  threads = BC.pin_threads(args.threads)
-  record, md = run(args)
-  record["machine"] = BC.machine_info(threads)
-  BC.write_results("bench_attention", record, md, args.out)
-  print("\n".join(md))
+  BC.main("bench_attention", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -165,5 +165,21 @@ def write_results(name: str, record: dict, markdown: list[str], out_dir: str = R
     f.write("\n".join(markdown) + "\n")
 
 
+def command(script: str) -> str:
+  """How this benchmark was invoked, as the results record it: `python benchmarks/<script> <args>`."""
+  return "python " + " ".join([os.path.relpath(os.path.abspath(script), ROOT)] + sys.argv[1:])
+
+
+def main(name: str, parse_args: Callable, run: Callable, argv=None) -> None:
+  """A benchmark script's main: parse args, pin threads, `run(args) -> (record, markdown lines)`, add the
+  machine, write results/<name>.{json,md}, print the markdown."""
+  args = parse_args(argv)
+  threads = pin_threads(args.threads)
+  record, md = run(args)
+  record["machine"] = machine_info(threads)
+  write_results(name, record, md, args.out)
+  print("\n".join(md))
+
+
 def ratio(a: float, b: float) -> float:
   return round(float(a) / float(b), 2) if b else float("nan")

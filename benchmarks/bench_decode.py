@@ -129,7 +129,7 @@ def run(args):
                      "of_floor": round(floor_ms / ms, 3)})
         print(rows[-1], flush=True)
   record = {"benchmark": "decode step time vs the memory-bandwidth floor",
-            "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), BC.ROOT)] + sys.argv[1:]),
+            "command": BC.command(__file__),
             "config": "small (text 512 x 8 layers, vocab 151936 tied)", "rows_per_step": ROWS,
             "read_bandwidth_gb_s": round(bandwidth / 1e9, 1), "rows": rows, "load_avg_1m_end": BC.load_avg()}
   md = ["## Decode step vs the memory-bandwidth floor (same CPU)", "",
@@ -145,12 +145,7 @@ def run(args):
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  threads = BC.pin_threads(args.threads)
-  record, md = run(args)
-  record["machine"] = BC.machine_info(threads)
-  BC.write_results("bench_decode", record, md, args.out)
-  print("\n".join(md))
+  BC.main("bench_decode", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def run(args):
       rows.append(row)
   parity = {codec: BP.parity(paths) for codec, paths in videos.items()}
   record = {"benchmark": "input pipeline samples/s (load_video vs qwen-vl-utils path)",
-            "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), BC.ROOT)] + sys.argv[1:]),
+            "command": BC.command(__file__),
             "rows": rows, "parity": parity}
   md = ["## Input pipeline: load_video vs the qwen-vl-utils path (same CPU, same worker counts)", "",
         f"`{record['command']}` -- 640x360 30 fps videos of 60/120/180 s; 16 frames at 128*28*28 px "
@@ -72,12 +72,7 @@ def run(args):
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  threads = BC.pin_threads(args.threads)
-  record, md = run(args)
-  record["machine"] = BC.machine_info(threads)
-  BC.write_results("bench_input", record, md, args.out)
-  print("\n".join(md))
+  BC.main("bench_input", parse_args, run, argv)
 
 
 if __name__ == "__main__":

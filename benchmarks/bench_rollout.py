@@ -122,7 +122,7 @@ def run(args) -> tuple[dict, list[str]]:
   hf_tps = results[hf_name]["tokens_per_s"]
   record = {
       "benchmark": "rollout generation tokens/s (vision + prefill + sampled decode)",
-      "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), BC.ROOT)] + sys.argv[1:]),
+      "command": BC.command(__file__),
       "config": "small (text 512 x 8 layers, vocab 151936 tied; vision 8 x 256)",
       "prompts": args.prompts, "prompt_tokens": prompt_len, "video_grid_thw": list(grid),
       "new_tokens": args.new_tokens, "sampling": sampling,
@@ -145,12 +145,7 @@ def run(args) -> tuple[dict, list[str]]:
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  threads = BC.pin_threads(args.threads)
-  record, md = run(args)
-  record["machine"] = BC.machine_info(threads)
-  BC.write_results("bench_rollout", record, md, args.out)
-  print("\n".join(md))
+  BC.main("bench_rollout", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def run(args):
                                                     if n > base_tokens])
   record = {
       "benchmark": "scaling: step time vs frames and sequence length; vision tower vs frames",
-      "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), BC.ROOT)] + sys.argv[1:]),
+      "command": BC.command(__file__),
       "config": "small", "frame_patch_grid": list(hw), "max_group_windows_blockwise": g,
       "step_vs_frames": frame_rows, "step_vs_seq_len": seq_rows, "vision_vs_frames": vision_rows,
       "wall_s": round(time.perf_counter() - t0, 1),
@@ -182,12 +182,7 @@ def run(args):
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  threads = BC.pin_threads(args.threads)
-  record, md = run(args)
-  record["machine"] = BC.machine_info(threads)
-  BC.write_results("bench_scaling", record, md, args.out)
-  print("\n".join(md))
+  BC.main("bench_scaling", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def run(args) -> tuple[dict, list[str]]:
     }
   record = {
       "benchmark": "SFT train step (forward + backward + AdamW), tokens/s",
-      "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), BC.ROOT)] + sys.argv[1:]),
+      "command": BC.command(__file__),
       "config": "small (text 512 x 8 layers, 8 heads / 2 kv, vocab 151936 tied; vision 8 x 256, window 112)",
       "samples": args.samples, "sample_tokens": sample_len, "video_grid_thw": list(grid),
       "video_tokens": int(np.prod(grid) // 4), "answer_tokens": args.answer_tokens,
@@ -225,12 +225,7 @@ def run(args) -> tuple[dict, list[str]]:
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  threads = BC.pin_threads(args.threads)
-  record, md = run(args)
-  record["machine"] = BC.machine_info(threads)
-  BC.write_results("bench_sft_vs_torch", record, md, args.out)
-  print("\n".join(md))
+  BC.main("bench_sft_vs_torch", parse_args, run, argv)
 
 
 if __name__ == "__main__":

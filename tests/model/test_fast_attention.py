@@ -184,9 +184,12 @@ def test_decode_step_against_a_cache_matches_xla_on_every_path():
 
 @pytest.mark.parametrize("new_tokens", [1, 5])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-def test_cache_attention_on_a_heads_first_cache_equals_attention(new_tokens, dtype):
+def test_cache_attention_on_a_heads_first_cache_equals_attention(new_tokens, dtype, monkeypatch):
   # The KV cache is [B, K, S, D]; cache_attention must give what attention gives on the [B, S, K, D] view,
-  # for a decode step (1 token) and a prefill-like extend (5 tokens), on XLA and through a kernel's path.
+  # for a decode step (1 token) and a prefill-like extend (5 tokens), on XLA and through the cuDNN
+  # wrapper's transposed path (its masking run by XLA here: no GPU).
+  real_cudnn = fa.cudnn_attention
+  monkeypatch.setattr(fa, "cudnn_attention", lambda *a, **kw: real_cudnn(*a, implementation="xla", **kw))
   b, s, heads, kv_heads, d = 2, 12, 6, 2, 8
   q, _, _ = random_qkv(b, new_tokens, heads, kv_heads, d, seed=8)
   _, k, v = random_qkv(b, s, heads, kv_heads, d, seed=9)
@@ -201,7 +204,7 @@ def test_cache_attention_on_a_heads_first_cache_equals_attention(new_tokens, dty
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
   with jax.default_matmul_precision("highest"):
     want = np.asarray(xla_attention(q, k, v, q_seg, kv_seg, causal=True, impl="xla", **kwargs), np.float32)
-    for impl in ("xla", "auto", "splash"):
+    for impl in ("xla", "auto", "splash", "cudnn"):
       got = cache_attention(q, heads_first(k), heads_first(v), q_seg, kv_seg, impl=impl, **kwargs)
       assert got.shape == q.shape and got.dtype == q.dtype
       np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-6 if dtype == np.float32 else 2e-2,

@@ -50,11 +50,14 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
                     *, q_positions: jax.Array, kv_positions: jax.Array, impl: str = "xla") -> jax.Array:
   """Causal `attention` of T new queries against one layer of a KV cache laid out `[B, K, S, D]`.
 
-  The XLA path contracts the cache in that layout, so a decode step reads each head's slots in place. A
-  fast kernel (`impl` other than "xla") gets the cache transposed to its `[B, S, K, D]` interface; the
-  kernels take a decode step back to XLA ("auto") and transposing for a prefill is small next to it.
+  The XLA path contracts the cache in that layout, so a decode step reads each head's slots in place.
+  Of the kernels only cuDNN takes a call with cache positions (splash, and "auto" everywhere, hand it to
+  XLA, see `fast_attention.fast_attention`), so only "cudnn" gets the cache transposed to the kernels'
+  `[B, S, K, D]` interface.
   """
-  if impl != "xla":
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention impl={impl!r}; available: {IMPLEMENTATIONS}")
+  if impl == "cudnn":
     swap = lambda t: jnp.swapaxes(t, 1, 2)
     return attention(q, swap(k), swap(v), q_segment_ids, kv_segment_ids, causal=True, q_positions=q_positions,
                      kv_positions=kv_positions, impl=impl)

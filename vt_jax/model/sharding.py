@@ -149,8 +149,11 @@ def create_model(config, mesh: jax.sharding.Mesh, rules: Rules | None = None, *,
   return nnx.merge(graphdef, state)
 
 
+# The stacked k / v cache is `[layers, B, K, S, head_dim]`: kv heads before slots, so each head's slots are
+# contiguous and the attention dots read a layer's cache in place (with `[B, S, K, hd]` layers XLA:CPU
+# transposed every layer's whole cache at every decode step; the TPU estimate is the same either way).
 CACHE_AXES = {
-    "k": ("layers", "cache_batch", "cache_kv_heads", "cache_length", None),  # text.CACHE
+    "k": ("layers", "cache_batch", "cache_kv_heads", "cache_length", None),
     "v": ("layers", "cache_batch", "cache_kv_heads", "cache_length", None),
     "valid": ("cache_batch", "cache_length"),
     "index": (),

@@ -14,12 +14,10 @@ from vt_jax.model.config import TextConfig
 from vt_jax.model.fast_attention import current_platform
 from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, constrain, mrope_cos_sin, normal_init,
                                  param, scan_layers, stack_layers)
+from vt_jax.model.sharding import CACHE_AXES
 
 ACT = ("act_batch", "act_length", "act_embed")
-# The stacked k or v cache, `[layers, B, K, S, head_dim]`: kv heads before slots, so each head's slots are
-# contiguous and the attention dots read a layer's cache in place (with `[B, S, K, hd]` layers XLA:CPU
-# transposed every layer's whole cache at every decode step; the TPU estimate is the same either way).
-CACHE = ("layers", "cache_batch", "cache_kv_heads", "cache_length", None)
+CACHE = CACHE_AXES["k"]  # the stacked k or v cache, `[layers, B, K, S, head_dim]`
 
 
 class DecoderLayer(nnx.Module):
