@@ -124,3 +124,51 @@ def test_never_holds_full_fp32_logits():
   assert fwd.lower(h, w, t).compile().memory_analysis().temp_size_in_bytes < full_bytes / 4
   assert bwd.lower(h, w, t).compile().memory_analysis().temp_size_in_bytes < full_bytes / 4
   assert bwd_ent.lower(h, w, t).compile().memory_analysis().temp_size_in_bytes < full_bytes / 4
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_where_computes_only_wanted_positions_and_their_gradients(vocab_major):
+  """`where`: wanted positions equal the full computation (values, entropy, gradients of both), the others
+  are 0; chunks with no wanted position in any row are skipped (rows 0 and 1 want 3 and 0 of 13 positions,
+  so with chunk 2 after compaction five of seven chunks are skipped)."""
+  k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(7), 5)
+  hidden = jax.random.normal(k1, (2, 13, 8))
+  w = jax.random.normal(k2, (8, 40)) * 0.7
+  targets = jax.random.randint(k3, (2, 13), 0, 40)
+  where = np.zeros((2, 13), bool)
+  where[0, [2, 7, 12]] = True
+  a, b = jax.random.normal(k4, (2, 13)), jax.random.normal(k5, (2, 13))
+  head = (lambda w: w.T) if vocab_major else (lambda w: w)
+
+  def masked(h, w):
+    logp, ent = token_logprobs(h, head(w), targets, chunk_size=2, vocab_major=vocab_major, temperature=0.6,
+                               return_entropy=True, where=jnp.asarray(where))
+    return jnp.sum(logp * a + ent * b), (logp, ent)
+
+  def full(h, w):
+    logp, ent = _full(h, w, targets, 0.6)
+    return jnp.sum(jnp.where(where, logp * a + ent * b, 0.0)), (logp, ent)
+
+  (_, (logp, ent)), grads = jax.jit(jax.value_and_grad(masked, (0, 1), has_aux=True))(hidden, w)
+  (_, (want_logp, want_ent)), want_grads = jax.value_and_grad(full, (0, 1), has_aux=True)(hidden, w)
+  np.testing.assert_allclose(logp, np.where(where, want_logp, 0.0), atol=1e-5)
+  np.testing.assert_allclose(ent, np.where(where, want_ent, 0.0), atol=1e-5)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_where_skips_chunks_without_wanted_positions():
+  """A skipped chunk's logits are never formed: with NaN hidden states in the unwanted positions, a
+  computed chunk would give NaN gradients (NaN * 0), the skipped ones give none."""
+  k1, k2, k3 = jax.random.split(jax.random.key(8), 3)
+  hidden = jax.random.normal(k1, (1, 12, 8))
+  where = jnp.arange(12)[None] < 4
+  hidden = jnp.where(where[..., None], hidden, jnp.nan)
+  w = jax.random.normal(k2, (8, 30))
+  targets = jax.random.randint(k3, (1, 12), 0, 30)
+  loss = lambda h, w: jnp.sum(token_logprobs(h, w, targets, chunk_size=4, where=where))
+  value, (d_h, d_w) = jax.jit(jax.value_and_grad(loss, (0, 1)))(hidden, w)
+  assert np.isfinite(value) and np.all(np.isfinite(d_w))
+  np.testing.assert_array_equal(np.asarray(d_h)[0, 4:], 0.0)
+  # Without `where` the same inputs poison the result.
+  assert not np.isfinite(jax.jit(lambda h, w: jnp.sum(token_logprobs(h, w, targets, chunk_size=4)))(hidden, w))

@@ -204,3 +204,8 @@ def test_text_and_vision_flops_against_explicit_loops():
   frozen = flops_lib.train_step_flops(mc, {"segment_ids": seg, "vision_window_ids": win, "vision_group_ids": grp},
                                       vision_trained=False)
   assert frozen == pytest.approx(3 * expected + exp_v)
+  # With a loss mask the LM head counts only the loss positions (three of the nine real tokens).
+  loss_mask = np.array([[0, 0, 1, 0, 1, 0], [0, 0, 0, 1, 0, 0]])
+  masked = flops_lib.train_step_flops(mc, {"segment_ids": seg, "loss_mask": loss_mask, "vision_window_ids": win,
+                                           "vision_group_ids": grp})
+  assert masked == pytest.approx(both - 3 * (9 - 3) * 2 * t.hidden_size * t.vocab_size)

@@ -70,6 +70,14 @@ class Qwen25VL(nnx.Module):
       return self.text.embed_tokens[...].astype(self.dtype).T
     return self.lm_head.kernel[...].astype(self.dtype)
 
+  def lm_head_weight(self) -> tuple[jax.Array, bool]:
+    """(the output projection as stored, vocab_major) in the compute dtype: the tied `[V, D]` embedding
+    (vocab_major True) or the `[D, V]` head, for `token_logprobs(..., vocab_major=...)`. The transposed view
+    of `lm_head_kernel` costs the tied models a `[D, V]` copy (and its gradient's) per step."""
+    if self.lm_head is None:
+      return self.text.embed_tokens[...].astype(self.dtype), True
+    return self.lm_head.kernel[...].astype(self.dtype), False
+
   def logits(self, hidden):
     """Final-normed hidden `[..., D]` -> fp32 logits `[..., V]` (bf16 matmul, fp32 accumulation)."""
     if self.lm_head is None:

@@ -4,8 +4,8 @@ Counted from the host batch (numpy), so the count is exact for what the step doe
 
   text decoder   per real token (segment_ids > 0): 2 x (q, k, v, o projections + SwiGLU MLP) per layer,
                  plus causal attention within its packed sample, 2 x 2 x heads x head_dim x (keys seen),
-                 plus the LM head 2 x hidden x vocab (the chunked log-prob computes logits at every
-                 position);
+                 plus the LM head 2 x hidden x vocab per position with a loss (SFT's loss_mask, GRPO's
+                 completion_mask; `token_logprobs(where=...)` skips chunks of the others);
   vision tower   per real patch (window_ids > 0): patch embedding, per block 2 x (qkv, proj, MLP), and
                  attention over its window (window layers) or temporal group (full-attention layers);
                  the merger per merged token.
@@ -52,11 +52,12 @@ def peak_flops_per_device(device_kind: str, num_local_devices: int = 1) -> float
   return None
 
 
-def text_forward_flops(text, segment_ids: np.ndarray) -> float:
+def text_forward_flops(text, segment_ids: np.ndarray, logit_tokens: float | None = None) -> float:
   """Forward FLOPs of the text decoder + LM head over `segment_ids` [B, L] (0 = padding).
 
   `text` has the TextConfig fields (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-  num_key_value_heads, head_dim, vocab_size).
+  num_key_value_heads, head_dim, vocab_size). logit_tokens: positions the LM head runs on (default: every
+  real token).
   """
   d, f, hd = text.hidden_size, text.intermediate_size, text.head_dim
   h, kv = text.num_attention_heads, text.num_key_value_heads
@@ -64,7 +65,8 @@ def text_forward_flops(text, segment_ids: np.ndarray) -> float:
   tokens, keys = _causal_pairs(segment_ids)
   attention = 2 * 2 * h * hd * keys  # scores and weighted values
   per_layer = per_token_matmul * tokens + attention
-  return float(text.num_hidden_layers * per_layer + 2 * d * text.vocab_size * tokens)
+  logit_tokens = tokens if logit_tokens is None else float(logit_tokens)
+  return float(text.num_hidden_layers * per_layer + 2 * d * text.vocab_size * logit_tokens)
 
 
 def vision_forward_flops(vision, window_ids: np.ndarray, group_ids: np.ndarray) -> float:
@@ -89,10 +91,13 @@ def vision_forward_flops(vision, window_ids: np.ndarray, group_ids: np.ndarray) 
 def train_step_flops(config, batch: Mapping[str, np.ndarray], *, vision_trained: bool = True) -> float:
   """FLOPs of one optimiser step over `batch` (the global batch, all microbatches).
 
-  config: a ModelConfig (`.text`, `.vision`). vision_trained: False when the vision tower and merger are
+  config: a ModelConfig (`.text`, `.vision`). The LM head counts the positions with a loss (loss_mask or
+  completion_mask > 0) when the batch has either, every real token otherwise. vision_trained: False when the vision tower and merger are
   both frozen -- then no gradient flows into them and they run forward only.
   """
-  flops = 3 * text_forward_flops(config.text, np.asarray(batch["segment_ids"]))
+  mask = next((batch[k] for k in ("loss_mask", "completion_mask") if k in batch), None)
+  logit_tokens = None if mask is None else float(np.count_nonzero(np.asarray(mask) > 0))
+  flops = 3 * text_forward_flops(config.text, np.asarray(batch["segment_ids"]), logit_tokens)
   if "vision_window_ids" in batch:
     vis = vision_forward_flops(config.vision, np.asarray(batch["vision_window_ids"]),
                                np.asarray(batch["vision_group_ids"]))

@@ -142,7 +142,8 @@ def shuffle_video_frames(prompts: Mapping[str, np.ndarray], rng: np.random.Gener
 
 def completion_logprobs(model, batch: Mapping[str, jax.Array], *, chunk_size: int, temperature: float = 1.0,
                         return_entropy: bool = False):
-  """log p(completion[t]) `[N, T]` (and the entropy) for scoring rows built by `completion_rows`.
+  """log p(completion[t]) `[N, T]` (and the entropy) for scoring rows built by `completion_rows`; 0 where
+  completion_mask (when given) is 0.
 
   batch: input_ids / positions / segment_ids / completion / logit_index, and vision_embeds or the patch
   buffers with vision_token_index.
@@ -151,8 +152,12 @@ def completion_logprobs(model, batch: Mapping[str, jax.Array], *, chunk_size: in
             if k in batch}
   hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True, **vision)
   picked = jnp.take_along_axis(hidden, batch["logit_index"][..., None], axis=1)  # [N, T, D]
-  return token_logprobs(picked, model.lm_head_kernel(), batch["completion"], chunk_size=chunk_size,
-                        temperature=temperature, return_entropy=return_entropy)
+  weight, vocab_major = model.lm_head_weight()
+  # Positions past a completion's end get log-prob 0 and are not computed where a whole chunk of them is
+  # padding in every row (the loss masks them either way).
+  return token_logprobs(picked, weight, batch["completion"], chunk_size=chunk_size, vocab_major=vocab_major,
+                        temperature=temperature, return_entropy=return_entropy,
+                        where=batch["completion_mask"] > 0 if "completion_mask" in batch else None)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "temperature"))

@@ -52,8 +52,11 @@ def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, chunk_size: i
   from vt_jax.model.logprobs import token_logprobs  # pylint: disable=g-import-not-at-top
   hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True,
                  **model_inputs(batch))
-  logp = token_logprobs(hidden, model.lm_head_kernel(), batch["targets"], chunk_size=chunk_size)
+  weight, vocab_major = model.lm_head_weight()
   mask = batch["loss_mask"].astype(jnp.float32)
+  # Only the loss positions go through the LM head (chunks of prompt and video tokens are skipped).
+  logp = token_logprobs(hidden, weight, batch["targets"], chunk_size=chunk_size, vocab_major=vocab_major,
+                        where=mask > 0)
   # where, not multiply: a masked position's log-prob may be -inf (target 0 can be impossible).
   nll = jnp.where(mask > 0, -logp, 0.0) * mask
   return jnp.sum(nll), jnp.sum(mask), {}
