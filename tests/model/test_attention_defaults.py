@@ -38,7 +38,9 @@ def test_base_config_defaults():
     ("cuda", (2, 255, 28, 128), (2, 255, 4, 128), False, "xla"),    # odd length with a mask: cuDNN refuses
     ("cuda", (2, 256, 28, 12), (2, 256, 4, 12), False, "xla"),      # head dim not a multiple of 8
     ("cuda", (2, 256, 2, 192), (2, 256, 1, 192), False, "xla"),     # head dim over 128
-    ("cpu", (2, 256, 28, 128), (2, 256, 4, 128), False, "xla"),
+    ("cpu", (2, 256, 28, 128), (2, 256, 4, 128), False, "blocked"),
+    ("cpu", (2, 128, 28, 128), (2, 128, 4, 128), False, "xla"),     # one block: nothing to skip
+    ("cpu", (2, 1, 28, 128), (2, 300, 4, 128), True, "xla"),        # decode step
     ("rocm", (2, 256, 28, 128), (2, 256, 4, 128), False, "xla"),
 ])
 def test_auto_picks_a_kernel_the_call_fits(backend, q, k, decoding, want):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from vt_jax.model.attention import attention as xla_attention, cache_attention
+from vt_jax.model.attention import attention as xla_attention, blocked_causal_attention, cache_attention
 from vt_jax.model import fast_attention as fa
 
 
@@ -149,6 +149,60 @@ def test_splash_bf16_forward_and_gradients_close_to_fp32():
     np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(w) / scale, atol=3e-2)
 
 
+@pytest.mark.parametrize("block", [16, 24, 100])  # blocks dividing L, not dividing it, one block
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 1)])
+def test_blocked_forward_and_gradients_match_reference(block, heads, kv_heads):
+  # Packed rows with padding: segments cross block edges; padding (0) attends padding as on XLA.
+  q, k, v = random_qkv(2, 80, heads, kv_heads, 8, seed=11)
+  seg = packed_segments([[30, 25], [61]], 80)
+  cotangent = np.random.default_rng(12).standard_normal(q.shape).astype(np.float32)
+  out = blocked_causal_attention(q, k, v, seg, block=block)
+  np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v, seg, seg, causal=True),
+                             atol=1e-5, rtol=1e-5)
+  loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent))
+  got = jax.jit(jax.grad(loss(lambda q, k, v: blocked_causal_attention(q, k, v, seg, block=block)),
+                         argnums=(0, 1, 2)))(q, k, v)
+  with jax.default_matmul_precision("highest"):
+    want = jax.grad(loss(lambda q, k, v: jnp_reference(q, k, v, seg, seg, causal=True)), argnums=(0, 1, 2))(q, k, v)
+  for g, w, name in zip(got, want, "qkv"):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-4, err_msg=f"d{name}")
+
+
+def test_blocked_bf16_and_custom_scale_close_to_xla():
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in random_qkv(1, 96, 4, 2, 16, seed=13))
+  seg = packed_segments([[40, 56]], 96)
+  got = blocked_causal_attention(q, k, v, seg, block=32, scale=0.3)
+  want = xla_attention(q, k, v, seg, seg, causal=True, scale=0.3)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
+  loss = lambda fn: (lambda q: jnp.sum(fn(q).astype(jnp.float32) ** 2))
+  d_got = jax.grad(loss(lambda q: blocked_causal_attention(q, k, v, seg, block=32, scale=0.3)))(q)
+  d_want = jax.grad(loss(lambda q: xla_attention(q, k, v, seg, seg, causal=True, scale=0.3)))(q)
+  top = float(jnp.max(jnp.abs(d_want.astype(jnp.float32))))
+  np.testing.assert_allclose(np.asarray(d_got, np.float32) / top, np.asarray(d_want, np.float32) / top, atol=3e-2)
+
+
+def test_blocked_impl_dispatch():
+  # "blocked" runs the blocked path for causal self-attention and XLA for everything else; "auto" on CPU
+  # picks it above one block's length.
+  q, k, v = random_qkv(1, 200, 4, 2, 8, seed=14)
+  seg = packed_segments([[120, 70]], 200)
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(xla_attention(q, k, v, seg, seg, causal=True, impl="xla"))
+    for impl in ("blocked", "auto"):
+      np.testing.assert_allclose(np.asarray(xla_attention(q, k, v, seg, seg, causal=True, impl=impl)), want,
+                                 atol=1e-5, err_msg=impl)
+    full = np.asarray(xla_attention(q, k, v, seg, seg, causal=False, impl="xla"))
+    np.testing.assert_array_equal(np.asarray(xla_attention(q, k, v, seg, seg, causal=False, impl="blocked")), full)
+  lowered = jax.jit(lambda q, k, v: xla_attention(q, k, v, seg, seg, causal=True, impl="auto")).lower(q, k, v)
+  # Blocks of 64 queries against their key prefixes (64, 128, 192, and 8 queries against 200), never a
+  # [.., 200, 200] array.
+  text = lowered.as_text()
+  assert all(f"{s}xf32" in text for s in ("64x64", "64x128", "64x192", "8x200")) and "200x200xf32" not in text
+  assert fa.blocked_block_size(1024) == 64 and fa.blocked_block_size(2240) == 128
+  assert fa.blocked_block_size(8192) == 256
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_path_masking_matches_reference(causal):
   # No GPU here: the cudnn wrapper's segment/causal masking runs through XLA instead.
@@ -222,8 +276,8 @@ def test_select_attention_impl():
   assert fa.select_attention_impl("cuda") == "cudnn"
   assert fa.select_attention_impl("gpu") == "cudnn"
   assert fa.select_attention_impl("rocm") == "xla"
-  assert fa.select_attention_impl("cpu") == "xla"
-  assert fa.select_attention_impl() == "xla"  # tests run on CPU
+  assert fa.select_attention_impl("cpu") == "blocked"
+  assert fa.select_attention_impl() == "blocked"  # tests run on CPU
 
 
 def test_select_attention_impl_follows_the_mesh_platform():

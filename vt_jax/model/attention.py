@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -12,7 +14,8 @@ import jax.numpy as jnp
 # then gets a uniform softmax instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLEMENTATIONS = ("xla", "splash", "cudnn", "auto")  # all but "xla" live in fast_attention.py
+# "xla" and "blocked" (below) are here, the kernels in fast_attention.py.
+IMPLEMENTATIONS = ("xla", "blocked", "splash", "cudnn", "auto")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *,
@@ -30,7 +33,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array
     q_positions, kv_positions: `[B, Lq]` / `[B, Lk]` sequence indices for the causal mask (slots in a
       KV cache); default `arange`.
     scale: logit scale, default D ** -0.5.
-    impl: "xla" (einsum + masked softmax in fp32 here), or "splash" / "cudnn" / "auto" (fast_attention.py).
+    impl: "xla" (einsum + masked softmax in fp32 here), "blocked" (`blocked_causal_attention` for causal
+      self-attention without positions, else "xla"), or "splash" / "cudnn" / "auto" (fast_attention.py).
 
   Returns:
     `[B, Lq, H, D]` in q's dtype.
@@ -228,3 +232,110 @@ def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Arr
   dense = lambda q, k, v: dense_group_attention(q, k, v, group_ids,
                                                 query_chunk=max_group_windows * window_patches)
   return jax.lax.cond(fits, blockwise, dense, q, k, v)
+
+
+# ---- causal self-attention in query blocks (the CPU path of "auto") -----------------------------------------
+
+def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                             block: int = 256, scale: float | None = None) -> jax.Array:
+  """Causal self-attention with segment ids, one block of queries at a time against the keys up to its
+  end, with a hand-written backward: flash attention's algorithm without a kernel, for XLA:CPU.
+
+  The `[H, L, L]` fp32 logits and probabilities of the plain XLA path (kept for its backward as well)
+  are never formed: a query block's probabilities exist only inside its step, the forward keeps the
+  per-query log-normaliser, and the backward recomputes each block's probabilities from it. Key blocks
+  after a query block are never touched, which halves the work of a long row. Same masking as
+  `attention(..., causal=True)`; the sum runs in a different order (fp32 rounding apart, equal).
+
+  Args:
+    q: `[B, L, H, D]`; k, v: `[B, L, K, D]` (GQA as in `attention`); segment_ids: `[B, L]`.
+    block: queries per block; L need not be a multiple (the last block is shorter).
+
+  Returns:
+    `[B, L, H, D]` in q's dtype.
+  """
+  batch, length, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  if heads % kv_heads:
+    raise ValueError(f"{heads} query heads is not a multiple of {kv_heads} kv heads")
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+  return _blocked(q, k, v, segment_ids, int(min(block, length)), scale)
+
+
+def _to_groups(x, kv_heads):
+  """`[B, L, H, D]` -> `[B, K, G, L, D]` (a kv head's query heads together)."""
+  b, l, h, d = x.shape
+  return jnp.transpose(x.reshape(b, l, kv_heads, h // kv_heads, d), (0, 2, 3, 1, 4))
+
+
+def _from_groups(x):
+  b, k, g, l, d = x.shape
+  return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, l, k * g, d)
+
+
+def _block_bounds(length, block):
+  return [(s, min(s + block, length)) for s in range(0, length, block)]
+
+
+def _block_logits(qb, kh, seg, start, end, scale):
+  """fp32 masked logits `[B, K, G, end - start, end]` of queries [start, end) against keys [0, end)."""
+  logits = jnp.einsum("bkgqd,bksd->bkgqs", qb, kh[:, :, :end], preferred_element_type=jnp.float32) * scale
+  q_pos = jnp.arange(start, end)
+  mask = (seg[:, start:end, None] == seg[:, None, :end]) & (q_pos[:, None] >= jnp.arange(end)[None, :])
+  return jnp.where(mask[:, None, None], logits, MASK_VALUE)
+
+
+def _blocked_forward(q, k, v, segment_ids, block, scale):
+  kv_heads = k.shape[2]
+  qg = _to_groups(q, kv_heads)  # [B, K, G, L, D]
+  kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, L, D]
+  outs, lses = [], []
+  for start, end in _block_bounds(q.shape[1], block):
+    logits = _block_logits(qg[:, :, :, start:end], kh, segment_ids, start, end, scale)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, q]
+    probs = jnp.exp(logits - lse[..., None]).astype(v.dtype)
+    outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs, vh[:, :, :end], preferred_element_type=jnp.float32))
+    lses.append(lse)
+  out = jnp.concatenate(outs, axis=3)  # [B, K, G, L, D] fp32
+  return _from_groups(out).astype(q.dtype), jnp.concatenate(lses, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(q, k, v, segment_ids, block, scale):
+  return _blocked_forward(q, k, v, segment_ids, block, scale)[0]
+
+
+def _blocked_fwd(q, k, v, segment_ids, block, scale):
+  out, lse = _blocked_forward(q, k, v, segment_ids, block, scale)
+  return out, (q, k, v, segment_ids, out, lse)
+
+
+def _blocked_bwd(block, scale, residuals, d_out):
+  """Per query block, with P recomputed from the saved log-normaliser:
+  dV += P^T dO,  dP = dO V^T,  dS = P (dP - rowsum(dO * O)),  dQ = dS K scale,  dK += dS^T Q scale."""
+  q, k, v, segment_ids, out, lse = residuals
+  kv_heads = k.shape[2]
+  qg, dog = _to_groups(q, kv_heads), _to_groups(d_out, kv_heads)
+  kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  # rowsum(dO * O) per query and head, fp32: [B, K, G, L].
+  delta = jnp.sum(_to_groups(d_out.astype(jnp.float32) * out.astype(jnp.float32), kv_heads), axis=-1)
+  d_k = jnp.zeros(kh.shape, jnp.float32)
+  d_v = jnp.zeros(vh.shape, jnp.float32)
+  d_qs = []
+  for start, end in _block_bounds(q.shape[1], block):
+    qb, dob = qg[:, :, :, start:end], dog[:, :, :, start:end]
+    logits = _block_logits(qb, kh, segment_ids, start, end, scale)
+    probs = jnp.exp(logits - lse[:, :, :, start:end, None])  # fp32 [B, K, G, q, end]
+    d_v = d_v.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", probs.astype(v.dtype), dob,
+                                            preferred_element_type=jnp.float32))
+    d_probs = jnp.einsum("bkgqd,bksd->bkgqs", dob, vh[:, :, :end], preferred_element_type=jnp.float32)
+    d_logits = (probs * (d_probs - delta[:, :, :, start:end, None]) * scale).astype(q.dtype)
+    d_qs.append(jnp.einsum("bkgqs,bksd->bkgqd", d_logits, kh[:, :, :end], preferred_element_type=jnp.float32))
+    d_k = d_k.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", d_logits, qb,
+                                            preferred_element_type=jnp.float32))
+  d_q = _from_groups(jnp.concatenate(d_qs, axis=3)).astype(q.dtype)
+  unheads = lambda x, like: jnp.swapaxes(x, 1, 2).astype(like.dtype)
+  return d_q, unheads(d_k, k), unheads(d_v, v), None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
