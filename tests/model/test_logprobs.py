@@ -172,3 +172,48 @@ def test_where_skips_chunks_without_wanted_positions():
   np.testing.assert_array_equal(np.asarray(d_h)[0, 4:], 0.0)
   # Without `where` the same inputs poison the result.
   assert not np.isfinite(jax.jit(lambda h, w: jnp.sum(token_logprobs(h, w, targets, chunk_size=4)))(hidden, w))
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+@pytest.mark.parametrize("chunk", [3, 64])  # several chunks (some skipped), one chunk
+def test_weighted_nll_value_and_gradients_match_full_logits(vocab_major, chunk):
+  from vt_jax.model.logprobs import weighted_nll
+  k1, k2, k3 = jax.random.split(jax.random.key(9), 3)
+  hidden = jax.random.normal(k1, (2, 13, 8))
+  w = jax.random.normal(k2, (8, 40)) * 0.7
+  targets = jax.random.randint(k3, (2, 13), 0, 40)
+  weights = np.zeros((2, 13), np.float32)
+  weights[0, [1, 5, 6, 12]] = [1.0, 0.5, 2.0, 1.0]
+  weights[1, 9] = 1.0
+  head = (lambda w: w.T) if vocab_major else (lambda w: w)
+  ours = lambda h, w: weighted_nll(h, head(w), targets, jnp.asarray(weights), chunk_size=chunk,
+                                   vocab_major=vocab_major)
+  full = lambda h, w: -jnp.sum(_full(h, w, targets)[0] * weights)
+  value, grads = jax.jit(jax.value_and_grad(lambda h, w: 3.0 * ours(h, w), (0, 1)))(hidden, w)
+  want_value, want_grads = jax.value_and_grad(lambda h, w: 3.0 * full(h, w), (0, 1))(hidden, w)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_weighted_nll_bf16_close_to_fp32_and_never_holds_full_logits():
+  from vt_jax.model.logprobs import weighted_nll
+  k1, k2, k3 = jax.random.split(jax.random.key(10), 3)
+  hidden = jax.random.normal(k1, (1, 64, 16))
+  w = jax.random.normal(k2, (16, 300)) * 0.3
+  targets = jax.random.randint(k3, (1, 64), 0, 300)
+  weights = (jnp.arange(64) % 3 == 0)[None].astype(jnp.float32)
+  f = lambda h, w: weighted_nll(h, w, targets, weights, chunk_size=16)
+  want, want_g = jax.value_and_grad(f, (0, 1))(hidden, w)
+  got, got_g = jax.value_and_grad(f, (0, 1))(hidden.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  assert got_g[0].dtype == jnp.bfloat16 and got_g[1].dtype == jnp.bfloat16
+  np.testing.assert_allclose(got, want, rtol=2e-2)
+  for g, x in zip(got_g, want_g):
+    np.testing.assert_allclose(np.asarray(g, np.float32), x, atol=2e-2 * float(jnp.max(jnp.abs(x))))
+  # Memory: one chunk's logits at a time (plus d lm_head), not [L, V].
+  h = jax.ShapeDtypeStruct((1, 512, 16), jnp.float32)
+  big = jax.ShapeDtypeStruct((16, 8192), jnp.float32)
+  t = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+  m = jax.ShapeDtypeStruct((1, 512), jnp.float32)
+  grad = jax.jit(jax.grad(lambda h, w, t, m: weighted_nll(h, w, t, m, chunk_size=32), (0, 1)))
+  assert grad.lower(h, big, t, m).compile().memory_analysis().temp_size_in_bytes < 512 * 8192 * 4 / 4

@@ -43,39 +43,78 @@ def token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *,
     and lm_head.
   """
   if where is not None:
-    # Stable sort: each row's wanted positions first, in order; unsort by the inverse permutation.
-    order = jnp.argsort(~where.astype(bool), axis=1, stable=True)
-    unsort = jnp.argsort(order, axis=1)
-    take = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+    order, unsort, take = _front_first(where)
     out = _token_logprobs(take(hidden, order), lm_head, take(targets, order), take(where.astype(bool), order),
                           chunk_size, vocab_major, temperature, return_entropy)
     return tuple(take(x, unsort) for x in out) if return_entropy else take(out, unsort)
   return _token_logprobs(hidden, lm_head, targets, None, chunk_size, vocab_major, temperature, return_entropy)
 
 
-def _token_logprobs(hidden, lm_head, targets, where, chunk_size, vocab_major, temperature, return_entropy):
-  batch, length, dim = hidden.shape
+def weighted_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                 chunk_size: int = 512, vocab_major: bool = False) -> jax.Array:
+  """sum(weights * -log p(targets)) under softmax(hidden @ lm_head): SFT's loss, its gradient formed in
+  the forward pass.
+
+  The loss is linear in each position's log-prob, so d loss / d logits = weights * (p - onehot) is known
+  while a chunk's logits are at hand: the forward multiplies it into d hidden and d lm_head right there
+  and the backward only scales them by the incoming cotangent. Three `[c, V]` matmuls per chunk instead
+  of `token_logprobs`' four (its backward recomputes the logits); the cost is d lm_head (fp32, the size
+  of the head) kept from the forward to the backward. Positions with weight 0 go through the LM head
+  only where a chunk also holds weighted ones (as `token_logprobs(where=...)`).
+
+  Args:
+    hidden `[B, L, D]`, lm_head `[D, V]` (or `[V, D]` with vocab_major), targets `[B, L]` as in
+    `token_logprobs`; weights: `[B, L]` float per-position loss weights (a 0/1 loss mask). The result is
+    differentiable in hidden and lm_head, not in weights.
+
+  Returns:
+    fp32 scalar.
+  """
+  order, _, take = _front_first(weights != 0)
+  hidden, targets, weights = take(hidden, order), take(targets, order), take(weights.astype(jnp.float32), order)
+  hidden_chunks, n, unchunk = _chunked_layout(hidden, chunk_size)
+  target_chunks = _chunked_layout(targets, chunk_size)[0].astype(jnp.int32)
+  weight_chunks = _chunked_layout(weights, chunk_size)[0]
+  live = jnp.any(weight_chunks != 0, axis=1)
+  return _nll(hidden_chunks, lm_head.astype(hidden.dtype), target_chunks, jax.lax.stop_gradient(weight_chunks),
+              live, bool(vocab_major))
+
+
+def _front_first(where):
+  """(order, inverse order, take): a stable per-row permutation putting `where`'s positions first, and
+  `take(x, idx)` gathering `[B, L, ...]` along L."""
+  order = jnp.argsort(~where.astype(bool), axis=1, stable=True)
+  unsort = jnp.argsort(order, axis=1)
+  take = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  return order, unsort, take
+
+
+def _chunked_layout(x, chunk_size):
+  """`[B, L, ...]` -> (`[n, B * c, ...]` chunks of c = min(chunk_size, L) positions, L padded up with
+  zeros; n; unchunk mapping `[n, B * c]` back to `[B, L]`)."""
+  batch, length = x.shape[:2]
   chunk = min(chunk_size, length)
   padded = -(-length // chunk) * chunk
-  if padded != length:
-    hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, padded - length)))
-    if where is not None:
-      where = jnp.pad(where, ((0, 0), (0, padded - length)))
+  x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
   n = padded // chunk
-  # [n, B*c, D]: 2-D chunks, because XLA:CPU reduces exp(z) * z over the last axis of a 3-D array ~8x
-  # slower than of the same data in 2-D (300 vs 36 ms at [1, 128, 151936]).
-  hidden_chunks = jnp.moveaxis(hidden.reshape(batch, n, chunk, dim), 1, 0).reshape(n, batch * chunk, dim)
-  target_chunks = jnp.moveaxis(targets.reshape(batch, n, chunk), 1, 0).reshape(n, batch * chunk).astype(jnp.int32)
+  # 2-D chunks, because XLA:CPU reduces exp(z) * z over the last axis of a 3-D array ~8x slower than of
+  # the same data in 2-D (300 vs 36 ms at [1, 128, 151936]).
+  chunks = jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0).reshape(n, batch * chunk, *x.shape[2:])
+  unchunk = lambda y: jnp.moveaxis(y.reshape(n, batch, chunk), 0, 1).reshape(batch, padded)[:, :length]
+  return chunks, n, unchunk
+
+
+def _token_logprobs(hidden, lm_head, targets, where, chunk_size, vocab_major, temperature, return_entropy):
+  hidden_chunks, n, unchunk = _chunked_layout(hidden, chunk_size)
+  target_chunks = _chunked_layout(targets, chunk_size)[0].astype(jnp.int32)
   # [n] bool, chunk j holds a wanted position in some row (None: every chunk is computed).
-  live = None if where is None else jnp.any(where.reshape(batch, n, chunk), axis=(0, 2))
+  flat_where = None if where is None else _chunked_layout(where, chunk_size)[0]
+  live = None if where is None else jnp.any(flat_where, axis=1)
   weight = lm_head.astype(hidden.dtype)
   logp, entropy = _chunked(hidden_chunks, weight, target_chunks, live, float(temperature), bool(vocab_major),
                            bool(return_entropy))
   if where is not None:
-    flat_where = jnp.moveaxis(where.reshape(batch, n, chunk), 1, 0).reshape(n, batch * chunk)
     logp, entropy = jnp.where(flat_where, logp, 0.0), jnp.where(flat_where, entropy, 0.0)
-  unchunk = lambda x: jnp.moveaxis(x.reshape(n, batch, chunk), 0, 1).reshape(batch, padded)[:, :length]
   return (unchunk(logp), unchunk(entropy)) if return_entropy else unchunk(logp)
 
 
@@ -213,3 +252,59 @@ def _chunked_bwd(temperature, vocab_major, with_entropy, residuals, cotangents):
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
+
+
+# ---- weighted_nll: the gradient formed in the forward pass -----------------------------------------------
+
+def _log_softmax_at(logits, t):
+  """(log p(t), p) of fp32 `[N, V]` logits."""
+  top = jnp.max(logits, axis=-1)
+  lse = top + jnp.log(_row_sum(jnp.exp(logits - top[:, None])))
+  picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+  return picked - lse, jnp.exp(logits - lse[:, None])
+
+
+def _nll_forward(hidden_chunks, weight, target_chunks, weight_chunks, live, vocab_major):
+  """(loss, d hidden chunks per unit cotangent, d lm_head per unit cotangent in fp32)."""
+
+  def chunk_grads(h, t, w):
+    logp, probs = _log_softmax_at(_logits(h, weight, 1.0, vocab_major), t)
+    loss = jnp.sum(jnp.where(w != 0, -w * logp, 0.0))
+    # d loss / d logits = w * (p - onehot(t)), in the compute dtype for the matmuls (fp32 accumulation).
+    d_logits = (w[:, None] * (probs - _is_target(probs, t).astype(jnp.float32))).astype(h.dtype)
+    d_h = jnp.einsum("nv,vd->nd" if vocab_major else "nv,dv->nd", d_logits, weight,
+                     preferred_element_type=jnp.float32).astype(h.dtype)
+    d_weight = jnp.einsum("nd,nv->vd" if vocab_major else "nd,nv->dv", h, d_logits,
+                          preferred_element_type=jnp.float32)
+    return (d_weight, loss), d_h
+
+  def first(_, *chunk):
+    return chunk_grads(*chunk)
+
+  def rest(carry, *chunk):
+    (d_w, loss), d_h = chunk_grads(*chunk)
+    return (carry[0] + d_w, carry[1] + loss), d_h
+
+  (d_weight, loss), d_hidden = _scan_chunks(first, rest, None, (hidden_chunks, target_chunks, weight_chunks),
+                                            live)
+  return loss, d_hidden, d_weight
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _nll(hidden_chunks, weight, target_chunks, weight_chunks, live, vocab_major):
+  return _nll_forward(hidden_chunks, weight, target_chunks, weight_chunks, live, vocab_major)[0]
+
+
+def _nll_fwd(hidden_chunks, weight, target_chunks, weight_chunks, live, vocab_major):
+  loss, d_hidden, d_weight = _nll_forward(hidden_chunks, weight, target_chunks, weight_chunks, live, vocab_major)
+  return loss, (d_hidden, d_weight, jnp.zeros((0,), weight.dtype))  # (the last: lm_head's dtype)
+
+
+def _nll_bwd(vocab_major, residuals, g):
+  del vocab_major
+  d_hidden, d_weight, like = residuals
+  return ((g * d_hidden.astype(jnp.float32)).astype(d_hidden.dtype), (g * d_weight).astype(like.dtype),
+          None, None, None)
+
+
+_nll.defvjp(_nll_fwd, _nll_bwd)

@@ -7,7 +7,7 @@ Loss: masked cross entropy over assistant tokens,
 
 over the WHOLE global batch (all microbatches, all devices): every trained token weighs the same whatever
 row, packed segment or microbatch it sits in. (A per-row or per-microbatch mean would up-weight short
-traces.) The model returns final-normed hidden states and `token_logprobs` projects them onto the
+traces.) The model returns final-normed hidden states and `weighted_nll` projects them onto the
 vocabulary chunk by chunk, so fp32 `[B, L, V]` logits never exist at once.
 """
 
@@ -49,17 +49,14 @@ def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, chunk_size: i
   positions [3, B, L], and the vision buffers. Returns fp32 scalars; the caller divides the sums
   accumulated over the global batch (see the module docstring).
   """
-  from vt_jax.model.logprobs import token_logprobs  # pylint: disable=g-import-not-at-top
+  from vt_jax.model.logprobs import weighted_nll  # pylint: disable=g-import-not-at-top
   hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True,
                  **model_inputs(batch))
   weight, vocab_major = model.lm_head_weight()
   mask = batch["loss_mask"].astype(jnp.float32)
-  # Only the loss positions go through the LM head (chunks of prompt and video tokens are skipped).
-  logp = token_logprobs(hidden, weight, batch["targets"], chunk_size=chunk_size, vocab_major=vocab_major,
-                        where=mask > 0)
-  # where, not multiply: a masked position's log-prob may be -inf (target 0 can be impossible).
-  nll = jnp.where(mask > 0, -logp, 0.0) * mask
-  return jnp.sum(nll), jnp.sum(mask), {}
+  # Only chunks holding loss positions go through the LM head; its gradient is formed in the forward.
+  nll = weighted_nll(hidden, weight, batch["targets"], mask, chunk_size=chunk_size, vocab_major=vocab_major)
+  return nll, jnp.sum(mask), {}
 
 
 def parse_dtype(name: str, field: str):
