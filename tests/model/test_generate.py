@@ -124,3 +124,23 @@ def test_decode_equals_full_forward(models, monkeypatch, platform):
     # The greedy token after position n-1+k is the argmax of the full forward there.
     picks = logits[r, lengths[r] - 1:lengths[r] + 5].argmax(-1)
     np.testing.assert_array_equal(picks, gen[r])
+
+
+def test_prefill_self_attention_equals_attention_against_the_cache(models):
+  """extend(empty=True) (a prefill: causal self-attention among the new tokens, here the CPU's blocked
+  path at 200 tokens) gives the hidden states and cache of attending the whole empty cache."""
+  _, ours = models
+  text = ours.text
+  b, t = 2, 200
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((b, t, TINY.text.hidden_size)), jnp.float32)
+  valid = np.ones((b, t), bool)
+  valid[1, 150:] = False  # a right-padded prompt
+  positions = jnp.asarray(np.broadcast_to(np.arange(t), (3, b, t)), jnp.int32)
+  cache = text.init_cache(b, t + 16, dtype=jnp.float32)
+  run = lambda empty: nnx.jit(lambda m, c: m.extend(x, positions, jnp.asarray(valid), c, empty=empty))(text, cache)
+  (h_self, c_self), (h_cache, c_cache) = run(True), run(False)
+  np.testing.assert_allclose(np.asarray(h_self), np.asarray(h_cache), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(c_self.k), np.asarray(c_cache.k), atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(c_self.valid), np.asarray(c_cache.valid))
+  assert int(c_self.index) == t

@@ -275,7 +275,7 @@ def _abstract_params(config: ModelConfig, mesh, param_dtype, dtype, attention: s
 
 def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
                model_config: str | ModelConfig | None = None, mesh: jax.sharding.Mesh | None = None,
-               param_dtype: str = "bfloat16", dtype: str = "bfloat16", attention: str = "xla") -> LoadedModel:
+               param_dtype: str = "bfloat16", dtype: str = "bfloat16", attention: str = "auto") -> LoadedModel:
   """Loads a model + tokenizer for generation, params sharded over `mesh` (default: all devices).
 
   path: a Hugging Face directory (config.json + safetensors + tokenizer files), a `vt_jax.convert import`

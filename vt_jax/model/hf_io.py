@@ -278,7 +278,7 @@ def check_checkpoint(reader: CheckpointReader, config: ModelConfig, *, strict: b
 # ---- import --------------------------------------------------------------------------------------------------
 
 def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules: S.Rules | None = None,
-                    param_dtype=jnp.float32, dtype=jnp.bfloat16, remat: str = "none", attention: str = "xla",
+                    param_dtype=jnp.float32, dtype=jnp.bfloat16, remat: str = "none", attention: str = "auto",
                     config: ModelConfig | None = None, strict: bool = True,
                     max_group_windows: int | str | None = "auto") -> Qwen25VL:
   """Loads a Hugging Face Qwen2.5-VL directory into `Qwen25VL`.

@@ -138,7 +138,7 @@ class Qwen25VL(nnx.Module):
     x = self._input_embeddings(input_ids, pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids,
                                vision_token_index, vision_embeds)
     valid = segment_ids > 0
-    hidden, cache = self.text.extend(x, positions, valid, cache)
+    hidden, cache = self.text.extend(x, positions, valid, cache, empty=True)
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     if next_position is None:

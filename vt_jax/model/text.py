@@ -133,10 +133,13 @@ class TextDecoder(nnx.Module):
                    valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
                    next_position=jnp.zeros((batch,), jnp.int32))
 
-  def extend(self, x, positions, new_valid, cache: KVCache):
+  def extend(self, x, positions, new_valid, cache: KVCache, *, empty: bool = False):
     """Appends T tokens per row at the shared write index and runs them against the cache.
 
-    x `[B, T, D]`, positions `[3, B, T]`, new_valid `[B, T]` bool (False for prompt padding).
+    x `[B, T, D]`, positions `[3, B, T]`, new_valid `[B, T]` bool (False for prompt padding). empty: the
+    caller guarantees the cache holds nothing yet (a prefill); the tokens then attend each other by causal
+    self-attention through the layer's `attention_impl` (splash / cuDNN / blocked) instead of against the
+    whole cache -- the same masks, since every other slot is later than every new token.
     Returns (final-normed hidden `[B, T, D]`, updated cache; next_position is left to the caller).
     """
     batch, t = new_valid.shape
@@ -152,8 +155,11 @@ class TextDecoder(nnx.Module):
       cache plus what the scan carries out."""
       q, k, v = layer.project(x, cos, sin, self.rules)
       k_layer, v_layer, out_cache = update(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-      out = cache_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), q_seg, kv_seg,
-                            q_positions=q_pos, kv_positions=kv_pos, impl=layer.attention_impl)
+      if empty:
+        out = attention(q, k, v, q_seg, q_seg, causal=True, impl=layer.attention_impl)
+      else:
+        out = cache_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), q_seg, kv_seg,
+                              q_positions=q_pos, kv_positions=kv_pos, impl=layer.attention_impl)
       return layer.finish(x, out, self.rules), out_cache
 
     if current_platform() == "cpu":
