@@ -12,6 +12,8 @@ keeps bf16 models' gradient matmuls in fp32: with bf16 weights the hand-written 
 Given `where` (the positions whose log-prob is used, e.g. SFT's loss mask), each row's wanted positions are
 moved to its front first and a chunk holding none of them is skipped (`lax.cond`) in both passes, so the
 LM head -- most of a small model's step -- runs on the wanted tokens (rounded up to chunks) only.
+
+`weighted_nll` (SFT's loss) forms its gradient in the forward pass instead: one matmul per chunk fewer.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def weighted_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, weig
   """
   order, _, take = _front_first(weights != 0)
   hidden, targets, weights = take(hidden, order), take(targets, order), take(weights.astype(jnp.float32), order)
-  hidden_chunks, n, unchunk = _chunked_layout(hidden, chunk_size)
+  hidden_chunks = _chunked_layout(hidden, chunk_size)[0]
   target_chunks = _chunked_layout(targets, chunk_size)[0].astype(jnp.int32)
   weight_chunks = _chunked_layout(weights, chunk_size)[0]
   live = jnp.any(weight_chunks != 0, axis=1)
@@ -168,7 +170,7 @@ def _skip(carry, *_, like):
 
 def _forward(hidden_chunks, weight, target_chunks, live, temperature, vocab_major, with_entropy):
   """`[n, B*c, D]` chunks -> (log p, entropy or zeros, log-normaliser), each `[n, B*c]`; a chunk with
-  `live[j]` False (j > 0) is skipped (zeros)."""
+  `live[j]` False is skipped (zeros)."""
 
   def compute(carry, h, t):
     logits = _logits(h, weight, temperature, vocab_major)
