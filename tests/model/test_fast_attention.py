@@ -195,11 +195,11 @@ def test_blocked_impl_dispatch():
     full = np.asarray(xla_attention(q, k, v, seg, seg, causal=False, impl="xla"))
     np.testing.assert_array_equal(np.asarray(xla_attention(q, k, v, seg, seg, causal=False, impl="blocked")), full)
   lowered = jax.jit(lambda q, k, v: xla_attention(q, k, v, seg, seg, causal=True, impl="auto")).lower(q, k, v)
-  # Blocks of 64 queries against their key prefixes (64, 128, 192, and 8 queries against 200), never a
-  # [.., 200, 200] array.
+  # Blocks of 128 queries against their key prefix (128, then 72 queries against 200), each block's
+  # 2 query heads per kv head folded into its rows: never a [.., 200, 200] array.
   text = lowered.as_text()
-  assert all(f"{s}xf32" in text for s in ("64x64", "64x128", "64x192", "8x200")) and "200x200xf32" not in text
-  assert fa.blocked_block_size(1024) == 64 and fa.blocked_block_size(2240) == 128
+  assert "1x2x256x128xf32" in text and "1x2x144x200xf32" in text and "200x200xf32" not in text
+  assert fa.blocked_block_size(1024) == 128 and fa.blocked_block_size(4096) == 128
   assert fa.blocked_block_size(8192) == 256
 
 

@@ -263,41 +263,52 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
 
 
 def _to_groups(x, kv_heads):
-  """`[B, L, H, D]` -> `[B, K, G, L, D]` (a kv head's query heads together)."""
+  """`[B, L, H, D]` -> `[B, K, L, G, D]`: a kv head's query heads next to each other per position, so a
+  block of q positions is one `[q * G, D]` matrix (a plain batched matmul over (B, K); with G and q as
+  separate dims XLA:CPU runs G small matmuls)."""
   b, l, h, d = x.shape
-  return jnp.transpose(x.reshape(b, l, kv_heads, h // kv_heads, d), (0, 2, 3, 1, 4))
+  return jnp.transpose(x.reshape(b, l, kv_heads, h // kv_heads, d), (0, 2, 1, 3, 4))
 
 
 def _from_groups(x):
-  b, k, g, l, d = x.shape
-  return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, l, k * g, d)
+  b, k, l, g, d = x.shape
+  return jnp.transpose(x, (0, 2, 1, 3, 4)).reshape(b, l, k * g, d)
 
 
 def _block_bounds(length, block):
   return [(s, min(s + block, length)) for s in range(0, length, block)]
 
 
+def _rows(x, start, end):
+  """Positions [start, end) of `[B, K, L, G, D]` as `[B, K, (end - start) * G, D]`."""
+  b, k, _, g, d = x.shape
+  return x[:, :, start:end].reshape(b, k, (end - start) * g, d)
+
+
 def _block_logits(qb, kh, seg, start, end, scale):
-  """fp32 masked logits `[B, K, G, end - start, end]` of queries [start, end) against keys [0, end)."""
-  logits = jnp.einsum("bkgqd,bksd->bkgqs", qb, kh[:, :, :end], preferred_element_type=jnp.float32) * scale
+  """fp32 masked logits `[B, K, (end - start) * G, end]` of queries [start, end) (`qb`, `_rows` layout)
+  against keys [0, end)."""
+  b, k, m, _ = qb.shape
+  logits = jnp.einsum("bkmd,bksd->bkms", qb, kh[:, :, :end], preferred_element_type=jnp.float32) * scale
   q_pos = jnp.arange(start, end)
   mask = (seg[:, start:end, None] == seg[:, None, :end]) & (q_pos[:, None] >= jnp.arange(end)[None, :])
-  return jnp.where(mask[:, None, None], logits, MASK_VALUE)
+  logits = logits.reshape(b, k, end - start, m // (end - start), end)
+  return jnp.where(mask[:, None, :, None], logits, MASK_VALUE).reshape(b, k, m, end)
 
 
 def _blocked_forward(q, k, v, segment_ids, block, scale):
   kv_heads = k.shape[2]
-  qg = _to_groups(q, kv_heads)  # [B, K, G, L, D]
+  qg = _to_groups(q, kv_heads)  # [B, K, L, G, D]
   kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, L, D]
   outs, lses = [], []
   for start, end in _block_bounds(q.shape[1], block):
-    logits = _block_logits(qg[:, :, :, start:end], kh, segment_ids, start, end, scale)
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, q]
+    logits = _block_logits(_rows(qg, start, end), kh, segment_ids, start, end, scale)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, q * G]
     probs = jnp.exp(logits - lse[..., None]).astype(v.dtype)
-    outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs, vh[:, :, :end], preferred_element_type=jnp.float32))
+    outs.append(jnp.einsum("bkms,bksd->bkmd", probs, vh[:, :, :end], preferred_element_type=jnp.float32))
     lses.append(lse)
-  out = jnp.concatenate(outs, axis=3)  # [B, K, G, L, D] fp32
-  return _from_groups(out).astype(q.dtype), jnp.concatenate(lses, axis=3)
+  out = jnp.concatenate(outs, axis=2).reshape(qg.shape)  # [B, K, L, G, D] fp32
+  return _from_groups(out).astype(q.dtype), jnp.concatenate(lses, axis=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -317,23 +328,25 @@ def _blocked_bwd(block, scale, residuals, d_out):
   kv_heads = k.shape[2]
   qg, dog = _to_groups(q, kv_heads), _to_groups(d_out, kv_heads)
   kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-  # rowsum(dO * O) per query and head, fp32: [B, K, G, L].
+  # rowsum(dO * O) per query and head, fp32: [B, K, L * G].
   delta = jnp.sum(_to_groups(d_out.astype(jnp.float32) * out.astype(jnp.float32), kv_heads), axis=-1)
+  delta = delta.reshape(lse.shape)
   d_k = jnp.zeros(kh.shape, jnp.float32)
   d_v = jnp.zeros(vh.shape, jnp.float32)
   d_qs = []
+  g = qg.shape[3]
   for start, end in _block_bounds(q.shape[1], block):
-    qb, dob = qg[:, :, :, start:end], dog[:, :, :, start:end]
+    qb, dob = _rows(qg, start, end), _rows(dog, start, end)
+    rows = slice(start * g, end * g)
     logits = _block_logits(qb, kh, segment_ids, start, end, scale)
-    probs = jnp.exp(logits - lse[:, :, :, start:end, None])  # fp32 [B, K, G, q, end]
-    d_v = d_v.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", probs.astype(v.dtype), dob,
+    probs = jnp.exp(logits - lse[:, :, rows, None])  # fp32 [B, K, q * G, end]
+    d_v = d_v.at[:, :, :end].add(jnp.einsum("bkms,bkmd->bksd", probs.astype(v.dtype), dob,
                                             preferred_element_type=jnp.float32))
-    d_probs = jnp.einsum("bkgqd,bksd->bkgqs", dob, vh[:, :, :end], preferred_element_type=jnp.float32)
-    d_logits = (probs * (d_probs - delta[:, :, :, start:end, None]) * scale).astype(q.dtype)
-    d_qs.append(jnp.einsum("bkgqs,bksd->bkgqd", d_logits, kh[:, :, :end], preferred_element_type=jnp.float32))
-    d_k = d_k.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", d_logits, qb,
-                                            preferred_element_type=jnp.float32))
-  d_q = _from_groups(jnp.concatenate(d_qs, axis=3)).astype(q.dtype)
+    d_probs = jnp.einsum("bkmd,bksd->bkms", dob, vh[:, :, :end], preferred_element_type=jnp.float32)
+    d_logits = (probs * (d_probs - delta[:, :, rows, None]) * scale).astype(q.dtype)
+    d_qs.append(jnp.einsum("bkms,bksd->bkmd", d_logits, kh[:, :, :end], preferred_element_type=jnp.float32))
+    d_k = d_k.at[:, :, :end].add(jnp.einsum("bkms,bkmd->bksd", d_logits, qb, preferred_element_type=jnp.float32))
+  d_q = _from_groups(jnp.concatenate(d_qs, axis=2).reshape(qg.shape)).astype(q.dtype)
   unheads = lambda x, like: jnp.swapaxes(x, 1, 2).astype(like.dtype)
   return d_q, unheads(d_k, k), unheads(d_v, v), None
 

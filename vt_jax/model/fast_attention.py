@@ -71,7 +71,7 @@ def select_attention_impl(backend: str | None = None) -> str:
       return "xla"
     return "cudnn"
   if backend == "cpu":
-    # 1,024 causal tokens, 8 / 2 heads, fwd + bwd on 2 cores: 190 ms on "xla", 36 ms blocked
+    # 1,024 causal tokens, 8 / 2 heads, fwd + bwd on 2 cores: 180 ms on "xla", 24 ms blocked
     # (benchmarks/bench_attention.py measures both against torch).
     return "blocked"
   return "xla"
@@ -107,10 +107,10 @@ BLOCKED_MIN_LENGTH = 128
 
 
 def blocked_block_size(length: int) -> int:
-  """Queries per block of "blocked": 64 (fastest on 2 CPU cores: 10.5 / 36 / 159 ms fwd + bwd at 704 /
-  1,024 / 2,240 tokens, against 12.7 / 44 / 164 with 128), larger past 2,048 tokens so the unrolled
-  loop stays at 32 blocks or fewer."""
-  return max(64, -(-length // 32 // 64) * 64)
+  """Queries per block of "blocked": 128 (on 2 CPU cores, fwd + bwd at 704 / 1,024 / 2,240 tokens:
+  9.1 / 23.8 / 132 ms, against 8.7 / 27.7 / 134 with 64), larger past 4,096 tokens so the unrolled loop
+  stays at 32 blocks or fewer."""
+  return max(128, -(-length // 32 // 128) * 128)
 
 
 def _gpu_platform_version() -> str:
