@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as BC  # noqa: E402
@@ -34,16 +33,6 @@ def parse_args(argv=None):
   if args.quick:
     args.lengths, args.repeats = "704,1216", 3
   return args
-
-
-def _best(fn, repeats):
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-  return best * 1e3
 
 
 def run(args):
@@ -73,10 +62,10 @@ def run(args):
 
     row = {"tokens": length}
     for impl, (fwd, grad) in fns.items():
-      row[f"{impl}_fwd_ms"] = round(_best(lambda: jax.block_until_ready(fwd(q, k, v)), args.repeats), 1)
-      row[f"{impl}_fwd_bwd_ms"] = round(_best(lambda: jax.block_until_ready(grad(q, k, v)), args.repeats), 1)
-    row["torch_fwd_ms"] = round(_best(torch_fwd, args.repeats), 1)
-    row["torch_fwd_bwd_ms"] = round(_best(torch_grad, args.repeats), 1)
+      row[f"{impl}_fwd_ms"] = round(BC.best_seconds(lambda: jax.block_until_ready(fwd(q, k, v)), args.repeats) * 1e3, 1)
+      row[f"{impl}_fwd_bwd_ms"] = round(BC.best_seconds(lambda: jax.block_until_ready(grad(q, k, v)), args.repeats) * 1e3, 1)
+    row["torch_fwd_ms"] = round(BC.best_seconds(torch_fwd, args.repeats) * 1e3, 1)
+    row["torch_fwd_bwd_ms"] = round(BC.best_seconds(torch_grad, args.repeats) * 1e3, 1)
     row["blocked_vs_xla_fwd_bwd"] = BC.ratio(row["xla_fwd_bwd_ms"], row["blocked_fwd_bwd_ms"])
     row["ratio_fwd_bwd"] = BC.ratio(row["torch_fwd_bwd_ms"], row["blocked_fwd_bwd_ms"])
     print(row, flush=True)

@@ -73,6 +73,18 @@ def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int) -> dict[s
           for name, t in runs.items()}
 
 
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+  """Fastest of `repeats` calls of `fn` after one untimed call (compile, warm-up). `fn` must wait for
+  its result (`jax.block_until_ready`)."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
 def matmul_probe(dtype: str = "float32", n: int = 2048):
   """A jitted chain of 4 `[n, n] @ [n, n]` matmuls through XLA and its FLOPs: () -> seconds of one call.
 

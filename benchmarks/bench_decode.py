@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as BC  # noqa: E402
@@ -37,23 +36,13 @@ def parse_args(argv=None):
   return args
 
 
-def _best_seconds(fn, args, repeats):
-  import jax
-  jax.block_until_ready(fn(*args))  # compile
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
-
-
 def read_bandwidth(repeats: int) -> float:
   """Bytes/s of an XLA sum over 1 GiB of fp32 (one read of every byte, all cores)."""
   import jax
   import jax.numpy as jnp
   x = jnp.ones((1 << 28,), jnp.float32)
-  seconds = _best_seconds(jax.jit(lambda a: a.sum()), (x,), repeats)
+  total = jax.jit(lambda a: a.sum())
+  seconds = BC.best_seconds(lambda: jax.block_until_ready(total(x)), repeats)
   return x.nbytes / seconds
 
 
@@ -109,6 +98,7 @@ def floor_bytes(model, length: int) -> dict[str, int]:
 
 
 def run(args):
+  import jax
   import jax.numpy as jnp
   from flax import nnx
   from vt_jax.model import config as C
@@ -122,7 +112,7 @@ def run(args):
     for length in (int(x) for x in args.lengths.split(",")):
       floors = floor_bytes(model, length)
       for part, fn in step_programs(model, length).items():
-        ms = _best_seconds(fn, (state, tokens), args.repeats) / STEPS * 1e3
+        ms = BC.best_seconds(lambda: jax.block_until_ready(fn(state, tokens)), args.repeats) / STEPS * 1e3
         floor_ms = floors[part] / bandwidth * 1e3
         rows.append({"dtype": dtype, "cache_slots": length, "part": part, "ms_per_step": round(ms, 2),
                      "bytes_read": floors[part], "floor_ms": round(floor_ms, 2),

@@ -217,3 +217,23 @@ def test_weighted_nll_bf16_close_to_fp32_and_never_holds_full_logits():
   m = jax.ShapeDtypeStruct((1, 512), jnp.float32)
   grad = jax.jit(jax.grad(lambda h, w, t, m: weighted_nll(h, w, t, m, chunk_size=32), (0, 1)))
   assert grad.lower(h, big, t, m).compile().memory_analysis().temp_size_in_bytes < 512 * 8192 * 4 / 4
+
+
+def test_where_without_compaction_equals_with_it_on_prefix_masks():
+  """compact=False (GRPO: each row's wanted positions are a prefix) gives what the reordering path gives,
+  values and gradients, while a chunk past every row's prefix is still skipped."""
+  k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+  hidden = jax.random.normal(k1, (3, 10, 8))
+  w = jax.random.normal(k2, (8, 30)) * 0.5
+  targets = jax.random.randint(k3, (3, 10), 0, 30)
+  where = jnp.arange(10)[None] < jnp.asarray([[4], [1], [6]])
+
+  def run(compact):
+    f = lambda h, w: token_logprobs(h, w, targets, chunk_size=3, where=where, compact=compact, return_entropy=True)
+    loss = lambda h, w: sum(jnp.sum(x * x) for x in f(h, w))
+    return f(hidden, w), jax.grad(loss, (0, 1))(hidden, w)
+
+  (got, got_g), (want, want_g) = run(False), run(True)
+  for a, b in zip(got + got_g, want + want_g):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(got[0])[~np.asarray(where)], 0.0)

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 
 def token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, chunk_size: int = 512,
                    vocab_major: bool = False, temperature: float = 1.0, return_entropy: bool = False,
-                   where: jax.Array | None = None):
+                   where: jax.Array | None = None, compact: bool = True):
   """log p(targets) under softmax(hidden @ lm_head / temperature).
 
   Args:
     hidden: `[B, L, D]` final-normed hidden states (`model(..., return_hidden=True)`).
-    lm_head: `[D, V]` (`model.lm_head_kernel()`), or `[V, D]` (a tied embedding) with vocab_major=True.
+    lm_head: `[D, V]`, or `[V, D]` (a tied embedding) with vocab_major=True (`model.lm_head_weight()`).
     targets: `[B, L]` int token ids (any value where the caller masks the result).
     chunk_size: tokens per chunk; L is padded up to a multiple.
     temperature: logits are divided by it (sampling temperature of a policy).
@@ -39,17 +39,21 @@ def token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *,
       over every chunk's logits; leave it off where only the log-probs are used).
     where: optional `[B, L]` bool, the positions to compute; the others get log-prob (and entropy) 0, a
       constant, and cost nothing in chunks that hold no wanted position.
+    compact: move each row's wanted positions to its front first (a gather of hidden and its inverse);
+      pass False when they already are a prefix of every row (GRPO's completion mask).
 
   Returns:
     `[B, L]` fp32 log-probs, or (log-probs, entropy) both `[B, L]` fp32. Both are differentiable in hidden
     and lm_head.
   """
-  if where is not None:
-    order, unsort, take = _front_first(where)
-    out = _token_logprobs(take(hidden, order), lm_head, take(targets, order), take(where.astype(bool), order),
-                          chunk_size, vocab_major, temperature, return_entropy)
-    return tuple(take(x, unsort) for x in out) if return_entropy else take(out, unsort)
-  return _token_logprobs(hidden, lm_head, targets, None, chunk_size, vocab_major, temperature, return_entropy)
+  where = None if where is None else where.astype(bool)
+  if where is None or not compact:
+    return _token_logprobs(hidden, lm_head, targets, where, chunk_size, vocab_major, temperature, return_entropy)
+  order = _front_first(where)
+  out = _token_logprobs(_take(hidden, order), lm_head, _take(targets, order), _take(where, order), chunk_size,
+                        vocab_major, temperature, return_entropy)
+  unsort = jnp.argsort(order, axis=1)
+  return tuple(_take(x, unsort) for x in out) if return_entropy else _take(out, unsort)
 
 
 def weighted_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, weights: jax.Array, *,
@@ -72,8 +76,8 @@ def weighted_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, weig
   Returns:
     fp32 scalar.
   """
-  order, _, take = _front_first(weights != 0)
-  hidden, targets, weights = take(hidden, order), take(targets, order), take(weights.astype(jnp.float32), order)
+  order = _front_first(weights != 0)
+  hidden, targets, weights = _take(hidden, order), _take(targets, order), _take(weights.astype(jnp.float32), order)
   hidden_chunks = _chunked_layout(hidden, chunk_size)[0]
   target_chunks = _chunked_layout(targets, chunk_size)[0].astype(jnp.int32)
   weight_chunks = _chunked_layout(weights, chunk_size)[0]
@@ -83,12 +87,13 @@ def weighted_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, weig
 
 
 def _front_first(where):
-  """(order, inverse order, take): a stable per-row permutation putting `where`'s positions first, and
-  `take(x, idx)` gathering `[B, L, ...]` along L."""
-  order = jnp.argsort(~where.astype(bool), axis=1, stable=True)
-  unsort = jnp.argsort(order, axis=1)
-  take = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-  return order, unsort, take
+  """`[B, L]` stable per-row permutation putting `where`'s positions first, in order."""
+  return jnp.argsort(~where.astype(bool), axis=1, stable=True)
+
+
+def _take(x, idx):
+  """`x[b, idx[b, l], ...]` for `[B, L, ...]` x and `[B, L]` idx."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _chunked_layout(x, chunk_size):
@@ -134,21 +139,22 @@ def _is_target(logits: jax.Array, t: jax.Array) -> jax.Array:
 def _row_sum(x: jax.Array) -> jax.Array:
   """Sum of fp32 `[N, V]` over V as a matrix-vector product with ones.
 
-  XLA:CPU adds along a reduction axis in order, one row at a time: 161 ms for sum(exp(x)) over
-  [512, 151936] on 2 cores, against 17 ms through the matmul kernel. HIGHEST keeps the TPU's dot in fp32
-  (its default would round the summands to bf16)."""
+  XLA:CPU adds along a reduction axis in order, one row at a time: sum(exp(x)) over [512, 151936] took
+  161 ms on 2 cores, while max + exp + this product added 17 ms to the logits matmul before it. HIGHEST
+  keeps the TPU's dot in fp32 (its default would round the summands to bf16)."""
   ones = jnp.ones((x.shape[-1],), x.dtype)
   return jnp.dot(x, ones, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _scan_chunks(first, rest, init, xs, live):
-  """The backward's loop: chunk 0 by `first(init, *chunk_0)`, then a scan of `rest(carry, *chunk_j)` over
-  the others, each under `lax.cond(live[j], rest, skip)` when live is given; stacks the per-chunk outputs.
-  The `d lm_head` sum so starts from chunk 0's product instead of a `[V, D]` fp32 of zeros (a 311 MB fill,
-  ~0.1 s per step for the small preset on 2 cores). With `where` the wanted positions are at the front,
-  so chunk 0 is the one chunk always worth computing. (The forward keeps every chunk in its scan: chunk 0
-  outside it made XLA keep one more chunk of logits alive with the entropy.)"""
-  carry, out0 = first(init, *(x[0] for x in xs))
+def _scan_chunks(first, rest, xs, live):
+  """A loop over chunks that sums `d lm_head`: chunk 0 by `first(*chunk_0) -> (carry, out)`, then a scan
+  of `rest(carry, *chunk_j)` over the others, each under `lax.cond(live[j], rest, skip)` when live is
+  given; stacks the per-chunk outputs. The sum so starts from chunk 0's product instead of a `[V, D]`
+  fp32 of zeros (a 311 MB fill for the small preset: 142 ms in a profile of its SFT step on 2 cores).
+  With `where` the wanted positions are at the front, so chunk 0 is the one chunk always worth computing.
+  (`token_logprobs`' forward keeps every chunk in its scan: chunk 0 outside it made XLA keep one more
+  chunk of logits alive with the entropy.)"""
+  carry, out0 = first(*(x[0] for x in xs))
   if xs[0].shape[0] == 1:
     return carry, jax.tree.map(lambda a: a[None], out0)
 
@@ -241,15 +247,12 @@ def _chunked_bwd(temperature, vocab_major, with_entropy, residuals, cotangents):
                           preferred_element_type=jnp.float32)
     return d_weight, d_h
 
-  def first(_, *chunk):
-    return chunk_grads(*chunk)
-
   def rest(d_weight, *chunk):
     d_w, d_h = chunk_grads(*chunk)
     return d_weight + d_w, d_h
 
   xs = (hidden_chunks, target_chunks, lse, entropy, g_logp.astype(jnp.float32), g_entropy.astype(jnp.float32))
-  d_weight, d_hidden = _scan_chunks(first, rest, None, xs, live)
+  d_weight, d_hidden = _scan_chunks(chunk_grads, rest, xs, live)
   return d_hidden, d_weight.astype(weight.dtype), None, None
 
 
@@ -280,14 +283,11 @@ def _nll_forward(hidden_chunks, weight, target_chunks, weight_chunks, live, voca
                           preferred_element_type=jnp.float32)
     return (d_weight, loss), d_h
 
-  def first(_, *chunk):
-    return chunk_grads(*chunk)
-
   def rest(carry, *chunk):
     (d_w, loss), d_h = chunk_grads(*chunk)
     return (carry[0] + d_w, carry[1] + loss), d_h
 
-  (d_weight, loss), d_hidden = _scan_chunks(first, rest, None, (hidden_chunks, target_chunks, weight_chunks),
+  (d_weight, loss), d_hidden = _scan_chunks(chunk_grads, rest, (hidden_chunks, target_chunks, weight_chunks),
                                             live)
   return loss, d_hidden, d_weight
 

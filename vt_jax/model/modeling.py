@@ -64,28 +64,20 @@ class Qwen25VL(nnx.Module):
     picked = jnp.take_along_axis(vision_embeds.astype(x.dtype), slot, axis=1)
     return jnp.where(vision_token_index[..., None] >= 0, picked, x)
 
-  def lm_head_kernel(self) -> jax.Array:
-    """The output projection `[D, V]` (the transposed embedding when tied), in the compute dtype."""
-    if self.lm_head is None:
-      return self.text.embed_tokens[...].astype(self.dtype).T
-    return self.lm_head.kernel[...].astype(self.dtype)
-
   def lm_head_weight(self) -> tuple[jax.Array, bool]:
     """(the output projection as stored, vocab_major) in the compute dtype: the tied `[V, D]` embedding
-    (vocab_major True) or the `[D, V]` head, for `token_logprobs(..., vocab_major=...)`. The transposed view
-    of `lm_head_kernel` costs the tied models a `[D, V]` copy (and its gradient's) per step."""
+    (vocab_major True) or the `[D, V]` head, for `token_logprobs(..., vocab_major=...)`. A transposed view
+    of the tied table would cost a `[D, V]` copy (and its gradient's) per step."""
     if self.lm_head is None:
       return self.text.embed_tokens[...].astype(self.dtype), True
     return self.lm_head.kernel[...].astype(self.dtype), False
 
   def logits(self, hidden):
     """Final-normed hidden `[..., D]` -> fp32 logits `[..., V]` (bf16 matmul, fp32 accumulation)."""
-    if self.lm_head is None:
-      # Tied: contract the [V, D] table as stored. Through the transposed view XLA:CPU ran a bf16 decode
-      # step's logits ~2x slower (15.6 vs 7 ms on the small preset, 8 rows).
-      weight, spec = self.text.embed_tokens[...].astype(self.dtype), "...d,vd->...v"
-    else:
-      weight, spec = self.lm_head_kernel(), "...d,dv->...v"
+    # A tied table is contracted as stored: through the transposed view XLA:CPU ran a bf16 decode step's
+    # logits ~2x slower (15.6 vs 7 ms on the small preset, 8 rows).
+    weight, vocab_major = self.lm_head_weight()
+    spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
     out = jnp.einsum(spec, hidden.astype(self.dtype), weight, preferred_element_type=jnp.float32)
     if out.ndim == 3:
       out = constrain(out, ("act_batch", "act_length", "act_vocab"), self.rules)

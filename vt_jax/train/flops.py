@@ -92,8 +92,9 @@ def train_step_flops(config, batch: Mapping[str, np.ndarray], *, vision_trained:
   """FLOPs of one optimiser step over `batch` (the global batch, all microbatches).
 
   config: a ModelConfig (`.text`, `.vision`). The LM head counts the positions with a loss (loss_mask or
-  completion_mask > 0) when the batch has either, every real token otherwise. vision_trained: False when the vision tower and merger are
-  both frozen -- then no gradient flows into them and they run forward only.
+  completion_mask > 0) when the batch has either, every real token otherwise. vision_trained: False when
+  the vision tower and merger are both frozen -- then no gradient flows into them and they run forward
+  only.
   """
   mask = next((batch[k] for k in ("loss_mask", "completion_mask") if k in batch), None)
   logit_tokens = None if mask is None else float(np.count_nonzero(np.asarray(mask) > 0))

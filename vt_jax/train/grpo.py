@@ -154,10 +154,10 @@ def completion_logprobs(model, batch: Mapping[str, jax.Array], *, chunk_size: in
   picked = jnp.take_along_axis(hidden, batch["logit_index"][..., None], axis=1)  # [N, T, D]
   weight, vocab_major = model.lm_head_weight()
   # Positions past a completion's end get log-prob 0 and are not computed where a whole chunk of them is
-  # padding in every row (the loss masks them either way).
+  # padding in every row (the loss masks them either way). The mask is a prefix of each row: no reordering.
   return token_logprobs(picked, weight, batch["completion"], chunk_size=chunk_size, vocab_major=vocab_major,
                         temperature=temperature, return_entropy=return_entropy,
-                        where=batch["completion_mask"] > 0 if "completion_mask" in batch else None)
+                        where=batch["completion_mask"] > 0 if "completion_mask" in batch else None, compact=False)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "temperature"))
