@@ -9,6 +9,8 @@ can be built anywhere; `sharding.create_model` places them.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vt_jax.model import sharding
+from vt_jax.model.fast_attention import current_platform
 
 Axes = tuple[str | None, ...]
 
@@ -52,12 +55,50 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_shape)
     kernel = self.kernel[...].astype(self.dtype)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())),
-                            preferred_element_type=jnp.float32)
+    x = x.astype(self.dtype)
+    if current_platform() == "cpu":
+      y = _matmul_cpu(x, kernel, n_in)
+    else:
+      contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+      y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_cpu(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """`x [..., *in] @ kernel [*in, *out]` -> fp32 `[..., *out]`: Linear's product with XLA:CPU's backward.
+
+  Same forward as the other backends. The backward forms the weight gradient as `x^T @ dy` from an
+  explicitly transposed `x` (an optimization barrier keeps XLA from folding the transpose into the dot):
+  left to itself XLA:CPU's layout assignment transposes the larger `dy` side instead, usually inside the
+  elementwise fusion that produces it (SwiGLU's gradient: ~10 ms per `[1024, 1408]` layer), and fwd+bwd of
+  8 SwiGLU MLPs at 1,024 tokens went 489 -> 338 ms on the 2-core CPU. Not used on TPU/GPU,
+  whose matmul units take either operand order without a copy.
+  """
+  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+  return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _matmul_cpu_fwd(x, kernel, n_in):
+  return _matmul_cpu(x, kernel, n_in), (x, kernel)
+
+
+def _matmul_cpu_bwd(n_in, res, dy):
+  x, kernel = res
+  # dy is the cotangent of an fp32 product that Linear casts to x's dtype: exact in that dtype.
+  dy = dy.astype(x.dtype)
+  n_out = kernel.ndim - n_in
+  dx = jax.lax.dot_general(dy, kernel, ((tuple(range(dy.ndim - n_out, dy.ndim)), tuple(range(n_in, kernel.ndim))),
+                                        ((), ())), preferred_element_type=jnp.float32)
+  rows = math.prod(x.shape[:x.ndim - n_in])
+  xt = jax.lax.optimization_barrier(x.reshape(rows, -1).T)  # [in, rows], materialised
+  dk = jnp.matmul(xt, dy.reshape(rows, -1), preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -84,6 +125,37 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name == "quick_gelu":
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
   raise ValueError(f"unsupported activation {name!r}")
+
+
+def gated(name: str, gate: jax.Array, up: jax.Array) -> jax.Array:
+  """`act(gate) * up`, the gated MLP's product. On CPU, SiLU's goes through `_swiglu_cpu`."""
+  if name == "silu" and current_platform() == "cpu":
+    return _swiglu_cpu(gate, up)
+  return activation(name)(gate) * up
+
+
+@jax.custom_vjp
+def _swiglu_cpu(a: jax.Array, b: jax.Array) -> jax.Array:
+  """silu(a) * b keeping only a and b for the backward, whose two products come out of one fusion.
+
+  Autodiff kept sigmoid(a) and silu(a) as well and XLA:CPU recomputed the gradient inside the
+  transposing copies of the weight gradients; with `_matmul_cpu` this took fwd+bwd of 8 SwiGLU MLPs at
+  1,024 tokens from 342 to 318 ms on the 2-core CPU.
+  """
+  return jax.nn.silu(a) * b
+
+
+def _swiglu_cpu_fwd(a, b):
+  return _swiglu_cpu(a, b), (a, b)
+
+
+def _swiglu_cpu_bwd(res, g):
+  a, b = res
+  s = jax.nn.sigmoid(a)
+  return g * b * (s * (1 + a * (1 - s))), g * (a * s)
+
+
+_swiglu_cpu.defvjp(_swiglu_cpu_fwd, _swiglu_cpu_bwd)
 
 
 # ---- rotary embeddings -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from flax import nnx
 from vt_jax.model.attention import attention, cache_attention
 from vt_jax.model.config import TextConfig
 from vt_jax.model.fast_attention import current_platform
-from vt_jax.model.layers import (Linear, RMSNorm, activation, apply_rotary, constrain, mrope_cos_sin, normal_init,
+from vt_jax.model.layers import (Linear, RMSNorm, apply_rotary, constrain, gated, mrope_cos_sin, normal_init,
                                  param, scan_layers, stack_layers)
 from vt_jax.model.sharding import CACHE_AXES
 
@@ -56,8 +56,8 @@ class DecoderLayer(nnx.Module):
     b, l = x.shape[:2]
     x = x + self.o_proj(attn_out.reshape(b, l, -1))
     h = self.post_attention_layernorm(x)
-    gated = activation(self.act)(self.gate_proj(h)) * self.up_proj(h)
-    x = x + self.down_proj(constrain(gated, ("act_batch", "act_length", "act_mlp"), rules))
+    product = gated(self.act, self.gate_proj(h), self.up_proj(h))
+    x = x + self.down_proj(constrain(product, ("act_batch", "act_length", "act_mlp"), rules))
     return constrain(x, ACT, rules)
 
   def __call__(self, x, cos, sin, segment_ids, rules=None):

@@ -32,7 +32,7 @@ import math
 
 from vt_jax.model.attention import attention, group_attention, group_window_plan
 from vt_jax.model.config import VisionConfig
-from vt_jax.model.layers import (REMAT_POLICIES, Linear, RMSNorm, activation, apply_rotary, constrain, scan_layers,
+from vt_jax.model.layers import (REMAT_POLICIES, Linear, RMSNorm, apply_rotary, constrain, gated, scan_layers,
                                  stack_layers, vision_cos_sin)
 
 
@@ -148,7 +148,7 @@ class VisionBlock(nnx.Module):
     out = attend(q, k, v)
     x = x + self.proj(out.reshape(b, p, -1))
     h = self.norm2(x)
-    x = x + self.down_proj(activation(self.act)(self.gate_proj(h)) * self.up_proj(h))
+    x = x + self.down_proj(gated(self.act, self.gate_proj(h), self.up_proj(h)))
     return constrain(x, ("act_batch", "act_length", "act_embed"), rules)
 
 

@@ -232,23 +232,29 @@ def make_train_step(task: Task, graphdef: Any, tx: Any, schedule: Callable, *, m
           body, zeros, (jnp.arange(microbatches), mbs))
 
     denom = jnp.maximum(weight, min_weight)
-    grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
-    grad_norm = optim_lib.global_norm(grads)
+    grad_norm = optim_lib.global_norm(grads) / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     lr = schedule(optim_lib.opt_step_count(state.opt_state))
-    updates, new_opt = tx.update(grads, state.opt_state, params)
-    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
     # A global batch without a loss unit (every process past the end of its data) must not move the
     # params either: AdamW would still apply momentum and weight decay.
     apply = finite & (weight > 0)
-    # Skipping is a select, not a branch: both sides exist already and nothing leaves the device.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+    def update(params, opt_state):
+      # Dividing by denom here lets XLA fuse it into the update; divided up front, every gradient was
+      # materialised once more (a 311 MB pass for a 151,936 x 512 embedding).
+      updates, new_opt = tx.update(jax.tree.map(lambda g: g / denom, grads), opt_state, params)
+      return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), new_opt
+
+    # Skipping is a branch on a device predicate: nothing leaves the device, and the common path updates
+    # params and moments in place (a select kept both sides alive: +300 MB temp and +90 ms per step for a
+    # 151,936 x 512 embedding on the 2-core CPU).
+    new_params, new_opt = jax.lax.cond(apply, update, lambda p, o: (p, o), params, state.opt_state)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, params),
-        opt_state=keep(new_opt, state.opt_state),
+        params=new_params,
+        opt_state=new_opt,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
     )
