@@ -39,11 +39,11 @@ def test_plan_of_a_known_layout():
   # windows.
   lay = _layout([(4, 8, 8), (1, 4, 6)], extra_windows=2)
   gid = jnp.asarray(lay.group_ids)[None]
-  key_windows, fits = A.group_window_plan(gid, window_patches=WP, max_group_windows=4)
+  key_windows, fits, span = A.group_window_plan(gid, window_patches=WP, max_group_windows=4)
   starts = [0] * 4 + [4] * 4 + [8] * 4 + [12] * 4 + [16, 16, 18, 18]
   expect = np.array([[s + j if s + j < 20 else -1 for j in range(4)] for s in starts])
   np.testing.assert_array_equal(np.asarray(key_windows[0]), expect)
-  assert bool(fits)
+  assert bool(fits) and int(span) == 4
   assert not bool(A.group_window_plan(gid, window_patches=WP, max_group_windows=3)[1])  # a group has 4
 
 
@@ -67,8 +67,8 @@ def test_blockwise_equals_dense_on_random_layouts(seed):
   windows_per_group = max(len(np.unique(lay.window_ids[lay.group_ids == g])) for g in np.unique(gid) if g)
   g = windows_per_group + int(rng.integers(0, 2))
   q, k, v = _qkv(lay.capacity, rng)
-  key_windows, fits = A.group_window_plan(gid, window_patches=WP, max_group_windows=g)
-  assert bool(fits)
+  key_windows, fits, span = A.group_window_plan(gid, window_patches=WP, max_group_windows=g)
+  assert bool(fits) and int(span) == windows_per_group
   block = A.blockwise_group_attention(q, k, v, gid, key_windows, window_patches=WP)
   real = lay.group_ids > 0
   diff = float(jnp.abs(block - _dense(q, k, v, gid))[0][real].max())
@@ -90,6 +90,24 @@ def test_group_attention_falls_back_to_dense_when_a_group_is_too_long():
              for f in (fn, lambda q, k, v: _dense(q, k, v, gid))]
     for a, b in zip(*grads):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_group_attention_runs_the_fewest_key_windows_that_hold_every_group():
+  assert A.blockwise_sizes(12) == (4, 8, 12) and A.blockwise_sizes(2) == (1, 2) and A.blockwise_sizes(1) == (1,)
+  rng = np.random.default_rng(5)
+  # Groups spanning 4 windows (merged 4 x 4 frames) -> the 4-window variant of G = 12; one spanning 5 -> 8.
+  for grids, span, branch in (([(4, 8, 8)], 4, 0), ([(2, 8, 8), (1, 8, 10)], 6, 1), ([(1, 8, 16), (2, 8, 8)], 8, 1)):
+    lay = _layout(grids, extra_windows=1)
+    gid = jnp.asarray(lay.group_ids)[None]
+    _, fits, got_span = A.group_window_plan(gid, window_patches=WP, max_group_windows=12)
+    assert bool(fits) and int(got_span) == span
+    assert int(A.group_attention_branch(fits, got_span, 12)) == branch
+    q, k, v = _qkv(lay.capacity, rng)
+    out = A.group_attention(q, k, v, gid, window_patches=WP, max_group_windows=12)
+    real = lay.group_ids > 0
+    diff = float(jnp.abs(out - _dense(q, k, v, gid))[0][real].max())
+    assert diff < 1e-5, (grids, diff)
+  assert int(A.group_attention_branch(jnp.asarray(False), jnp.asarray(3), 12)) == 3  # dense
 
 
 def test_chunked_dense_equals_dense_with_gradients():
@@ -136,7 +154,7 @@ def test_blockwise_cost_is_linear_in_frames():
   for frames in (8, 16, 32):
     lay = _layout([(frames, 8, 8)])  # 4 windows per temporal group
     gid = jnp.asarray(lay.group_ids)[None]
-    key_windows, _ = A.group_window_plan(gid, window_patches=WP, max_group_windows=4)
+    key_windows = A.group_window_plan(gid, window_patches=WP, max_group_windows=4)[0]
     flops[frames] = (
         _attention_flops(lambda q, k, v: A.blockwise_group_attention(q, k, v, gid, key_windows, window_patches=WP),
                          lay.capacity, rng),

@@ -123,6 +123,8 @@ def group_window_plan(group_ids: jax.Array, *, window_patches: int, max_group_wi
     fits: `[]` bool, True when every group spans at most G windows, occupies one contiguous run of
       windows, and every window holds patches of one group only (plus padding). When False the blockwise
       result would miss keys, so callers must use the dense path (`group_attention` does).
+    span: `[]` int32, the most windows any group of the buffer spans (meaningful when `fits`): the first
+      `span` key windows of `key_windows` already hold every key, so a smaller G gives the same result.
   """
   b, p = group_ids.shape
   n = p // window_patches
@@ -136,10 +138,20 @@ def group_window_plan(group_ids: jax.Array, *, window_patches: int, max_group_wi
   # A group id must not come back after another group (its windows would be in two runs).
   seen_before = jnp.pad(jax.lax.cummax(window_group, axis=1)[:, :-1], ((0, 0), (1, 0)))
   contiguous = jnp.all(~is_start | (window_group == 0) | (window_group > seen_before))
-  short = jnp.all((window_group == 0) | (index - start < max_group_windows))
+  span = jnp.max(jnp.where(window_group == 0, 0, index - start + 1)).astype(jnp.int32)
   key_windows = start[:, :, None] + jnp.arange(max_group_windows, dtype=jnp.int32)
   key_windows = jnp.where(key_windows < n, key_windows, -1)
-  return key_windows.astype(jnp.int32), one_group & contiguous & short
+  return key_windows.astype(jnp.int32), one_group & contiguous & (span <= max_group_windows), span
+
+
+def blockwise_sizes(max_group_windows: int) -> tuple[int, ...]:
+  """The key-window counts `group_attention` compiles for a G: G/3, 2G/3 and G (rounded up, distinct).
+
+  The released G (12) covers a 16:9 frame at the full 128*28*28 budget; a batch of smaller frames
+  (224 x 224: 4 windows per group) runs the 4-window variant at a third of the scores.
+  """
+  g = int(max_group_windows)
+  return tuple(sorted({-(-g * i // 3) for i in (1, 2, 3)}))
 
 
 def blockwise_group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Array,
@@ -207,11 +219,12 @@ def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Arr
   """Attention within temporal groups of a window-ordered vision buffer (the full-attention layers).
 
   With `max_group_windows` (G) set and fewer than P/wp, runs `blockwise_group_attention` when the buffer's
-  groups fit (`group_window_plan`), else `dense_group_attention` (query-chunked, rematerialised), chosen on
-  device by `lax.cond` so a batch with a larger image still gets the exact result. The fallback is built
-  to add little memory: `lax.cond` keeps the residuals of both branches for the backward pass, and a plain
-  dense branch would add its `[P, P]` probabilities to every step. With G None (or >= P/wp) it is plain
-  dense: `[P, P]` scores masked by group id.
+  groups fit (`group_window_plan`) -- with the fewest key windows among `blockwise_sizes(G)` that hold the
+  buffer's longest group -- else `dense_group_attention` (query-chunked, rematerialised), chosen on device
+  by `lax.switch`, so a batch of small frames costs less and a batch with a larger image still gets the
+  exact result. The fallback is built to add little memory: a switch keeps the residuals of every branch
+  for the backward pass, and a plain dense branch would add its `[P, P]` probabilities to every step. With
+  G None (or >= P/wp) it is plain dense: `[P, P]` scores masked by group id.
 
   Args:
     q, k, v: `[B, P, H, D]`; group_ids: `[B, P]` (0 = padding).
@@ -225,13 +238,26 @@ def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Arr
     return attention(q, k, v, group_ids, group_ids, causal=False, impl="xla")
   if plan is None:
     plan = group_window_plan(group_ids, window_patches=window_patches, max_group_windows=max_group_windows)
-  key_windows, fits = plan
-  blockwise = lambda q, k, v: blockwise_group_attention(q, k, v, group_ids, key_windows,
-                                                        window_patches=window_patches)
-  # Query chunks of G windows: the fallback's live scores stay the size of the blockwise path's.
+  key_windows, fits, span = plan
+  sizes = blockwise_sizes(max_group_windows)
+
+  def blockwise(g):
+    return lambda q, k, v: blockwise_group_attention(q, k, v, group_ids, key_windows[..., :g],
+                                                     window_patches=window_patches)
+
+  # Query chunks of G windows: the fallback's live scores stay the size of the largest blockwise path's.
   dense = lambda q, k, v: dense_group_attention(q, k, v, group_ids,
                                                 query_chunk=max_group_windows * window_patches)
-  return jax.lax.cond(fits, blockwise, dense, q, k, v)
+  branch = group_attention_branch(fits, span, max_group_windows)
+  return jax.lax.switch(branch, [blockwise(g) for g in sizes] + [dense], q, k, v)
+
+
+def group_attention_branch(fits: jax.Array, span: jax.Array, max_group_windows: int) -> jax.Array:
+  """`group_attention`'s branch: i for `blockwise_sizes(G)[i]`, the fewest key windows >= span, when the
+  buffer fits; `len(blockwise_sizes(G))` (the dense fallback) when it does not."""
+  sizes = blockwise_sizes(max_group_windows)
+  smallest_fitting = sum((span > g).astype(jnp.int32) for g in sizes[:-1])
+  return jnp.where(fits, smallest_fitting, len(sizes)).astype(jnp.int32)
 
 
 # ---- causal self-attention in query blocks (the CPU path of "auto") -----------------------------------------

@@ -8,7 +8,8 @@ temporal-group id (0 = padding). Then:
     - window layers: within fixed blocks of `window_patches` (`[B * P/wp, wp]`, cost linear in windows),
     - full layers (`fullatt_block_indexes`): within a temporal group. Blockwise by default: each query
       window attends the `max_group_windows` (G) windows from the start of its group (`[P/wp, wp, G*wp]`
-      scores, linear in P for a fixed frame size); dense `[P, P]` with a group-id mask when G is None, when
+      scores, linear in P for a fixed frame size; G/3 or 2G/3 windows when the batch's groups are that
+      short, picked on device); dense `[P, P]` with a group-id mask when G is None, when
       the buffer has at most G windows, or -- decided on device per batch -- when some group is longer
       than G windows (e.g. a large image), so the result is always exact,
   merger: RMSNorm, 4 neighbouring patches -> one vector, Linear -> GELU -> Linear to the text width.

@@ -230,7 +230,7 @@ def scan_names(config, model_cfg, microbatches: int = 1, chunks: int | None = No
   g = parse_max_group_windows(config.model.get("max_group_windows", "auto"), v)
   capacity = int(config.data.vision_capacity)
   if g is not None and g < capacity // v.window_patches:
-    # group_attention's exact fallback (lax.cond): query chunks of G windows, never run on fitting videos.
+    # group_attention's exact fallback (lax.switch): query chunks of G windows, never run on fitting videos.
     add(-(-capacity // (g * v.window_patches)), "dense-fallback query chunks")
   return {n: " / ".join(labels) for n, labels in names.items()}
 
