@@ -66,7 +66,7 @@ def step_scaling(args, config, hf, hf_dir, settings):
     spec = packing.PackingSpec(seq_len=spec.seq_len, vision_capacity=packing.vision_slots(sample.grids_thw, spec),
                                window_size=spec.window_size, pad_id=spec.pad_id)
     host = packing.stack_rows([packing.pack_row([sample], spec)])
-    ours, _, compile_s, _ = SFT.our_step(hf_dir, host, 1, "float32", "none", chunk=256)
+    ours, _, compile_s, _ = SFT.our_step(hf_dir, host, 1, "float32", "none", chunk=512)
     theirs, _ = SFT.hf_step_fn(hf, [sample], [pixels], config)
     ours(), theirs()  # warm-up
     t = BC.interleaved({"vt_jax": ours, "transformers": theirs}, args.repeats)

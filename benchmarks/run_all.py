@@ -15,9 +15,9 @@ cores; each also runs alone):
      decode    bench_decode.py        a decode step's parts vs the memory-bandwidth floor (where rollout time goes)
      attention bench_attention.py     causal self-attention fwd + bwd vs torch sdpa (where long-row step time goes)
   6. dry_run   `python -m vt_jax.train --config={sft,grpo} --dry_run --topology={v5p-64,v5e-256}` (7B,
-               splash attention, batch overrides that split over the chips; ~10 min per SFT compile on 2
-               cores; --quick: SFT on v5p-64 only), when the CLI has the flag; otherwise the section says
-               it is missing.
+               splash attention, batch overrides that split over the chips, scans costed unrolled
+               (--dry_run_loop_cost); ~5-10 min per run on 2 cores; --quick: SFT on v5p-64 only), when
+               the CLI has the flag; otherwise the section says it is missing.
 Writes results/run_all.{json,md} (the summary) next to each part's own results, and logs/ with each
 part's output. The load average is recorded before and after every part: on a shared machine, compare
 ratios (measured in interleaved rounds), not absolute times.
@@ -109,7 +109,7 @@ def run_dry_runs(args, log_dir: str) -> dict:
   # --quick compiles only the first (SFT on v5p-64, ~10 min here); the full run all four (~40 min).
   for config, topology, overrides in DRY_RUNS[:1] if args.quick else DRY_RUNS:
     cmd = [sys.executable, "-m", "vt_jax.train", f"--config={config}", "--dry_run", f"--topology={topology}",
-           "--config.model.attention=auto", *overrides]
+           "--config.model.attention=auto", f"--dry_run_loop_cost={args.dry_run_loop_cost}", *overrides]
     t0 = time.perf_counter()
     try:
       proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.dry_run_timeout,
@@ -205,6 +205,9 @@ def main() -> int:
   p.add_argument("--out", default=RESULTS)
   p.add_argument("--part_timeout", type=int, default=4 * 3600)
   p.add_argument("--dry_run_timeout", type=int, default=3600)
+  p.add_argument("--dry_run_loop_cost", default="unroll", choices=["auto", "unroll", "marginal", "scale", "once"],
+                 help="how the dry runs cost scanned work; fixed so that the method never depends on how long "
+                      "a compile took under load ('auto' switches from unroll to scale past one minute)")
   args = p.parse_args()
   args.out = os.path.abspath(args.out)
   only = [x.strip() for x in args.only.split(",") if x.strip()]
