@@ -4,6 +4,7 @@ against the issue's targets, plus the TPU dry-run table. JSON + Markdown into be
     .venv/bin/python benchmarks/run_all.py            # ~1 h on 2 shared cores (more under load)
     .venv/bin/python benchmarks/run_all.py --quick    # ~15 min: smaller inputs, fewer repeats
     .venv/bin/python benchmarks/run_all.py --only sft,rollout --threads 2
+    .venv/bin/python benchmarks/run_all.py --only dry_run --reuse   # the other parts from results/
 
 Parts (each a script here, run as its own process with the same --threads so torch and XLA get the same
 cores; each also runs alone):
@@ -15,9 +16,9 @@ cores; each also runs alone):
      decode    bench_decode.py        a decode step's parts vs the memory-bandwidth floor (where rollout time goes)
      attention bench_attention.py     causal self-attention fwd + bwd vs torch sdpa (where long-row step time goes)
   6. dry_run   `python -m vt_jax.train --config={sft,grpo} --dry_run --topology={v5p-64,v5e-256}` (7B,
-               splash attention, batch overrides that split over the chips, scans costed unrolled
-               (--dry_run_loop_cost); ~5-10 min per run on 2 cores; --quick: SFT on v5p-64 only), when
-               the CLI has the flag; otherwise the section says it is missing.
+               splash attention, batch overrides that split over the chips; scans costed unrolled for
+               SFT and scaled for GRPO (--dry_run_loop_cost); ~3-10 min per run on 2 cores; --quick: SFT
+               on v5p-64 only), when the CLI has the flag; otherwise the section says it is missing.
 Writes results/run_all.{json,md} (the summary) next to each part's own results, and logs/ with each
 part's output. The load average is recorded before and after every part: on a shared machine, compare
 ratios (measured in interleaved rounds), not absolute times.
@@ -64,6 +65,20 @@ def _load() -> float:
   return round(os.getloadavg()[0], 2)
 
 
+def reuse_part(name: str, args) -> dict | None:
+  """A part's entry from its results files of an earlier run (None when it has none)."""
+  result = os.path.join(args.out, RESULT_NAMES[name] + ".json")
+  if not os.path.exists(result):
+    return None
+  with open(result) as f:
+    info = {"returncode": 0, "result": json.load(f), "load_before": "-", "load_after": "-",
+            "reused": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.path.getmtime(result)))}
+  with open(os.path.join(args.out, RESULT_NAMES[name] + ".md")) as f:
+    info["markdown"] = f.read()
+  info["command"] = info["result"].get("command", "")
+  return info
+
+
 def run_part(name: str, args, log_dir: str) -> dict:
   cmd = [sys.executable, os.path.join(HERE, PARTS[name]), "--out", args.out]
   if args.quick:
@@ -100,16 +115,32 @@ def dry_run_has_flag() -> bool:
   return "--dry_run" in proc.stdout + proc.stderr
 
 
+LOOP_COSTS = ("auto", "unroll", "marginal", "scale", "once")
+
+
+def parse_loop_costs(value: str) -> dict[str, str]:
+  """'unroll' (every config) or 'sft=unroll,grpo=scale' -> {config: loop cost}."""
+  if "=" not in value:
+    pairs = {"sft": value, "grpo": value}
+  else:
+    pairs = dict(item.split("=", 1) for item in value.split(",") if item)
+  bad = {k: v for k, v in pairs.items() if k not in ("sft", "grpo") or v not in LOOP_COSTS}
+  if bad or set(pairs) != {"sft", "grpo"}:
+    raise SystemExit(f"--dry_run_loop_cost={value!r}: one of {LOOP_COSTS}, or sft=...,grpo=... with those values")
+  return pairs
+
+
 def run_dry_runs(args, log_dir: str) -> dict:
   if not dry_run_has_flag():
     return {"available": False,
             "note": "`python -m vt_jax.train` has no --dry_run flag yet (vt_jax.train.dry_run exists as a library; "
                     "its CLI integration is in progress), so this section has no table."}
   out = {"available": True, "runs": []}
+  loop_costs = parse_loop_costs(args.dry_run_loop_cost)
   # --quick compiles only the first (SFT on v5p-64, ~10 min here); the full run all four (~40 min).
   for config, topology, overrides in DRY_RUNS[:1] if args.quick else DRY_RUNS:
     cmd = [sys.executable, "-m", "vt_jax.train", f"--config={config}", "--dry_run", f"--topology={topology}",
-           "--config.model.attention=auto", f"--dry_run_loop_cost={args.dry_run_loop_cost}", *overrides]
+           "--config.model.attention=auto", f"--dry_run_loop_cost={loop_costs[config]}", *overrides]
     t0 = time.perf_counter()
     try:
       proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.dry_run_timeout,
@@ -178,7 +209,11 @@ def summary(parts: dict, dry: dict | None, args) -> list[str]:
   for name, ours, ref, ratio, target, ok in rows:
     lines.append(f"| {name} | {ours} | {ref} | {f'{ratio}x' if ratio != '' else ''} | {target} | {_mark(ok)} |")
   lines += ["", "Load average (1 min) around each part: " + ", ".join(
-      f"{n} {p['load_before']} -> {p['load_after']}" for n, p in parts.items()) + ".", ""]
+      f"{n} {p['load_before']} -> {p['load_after']}" for n, p in parts.items() if "reused" not in p) + ".", ""]
+  reused = [f"{n} ({p['reused']})" for n, p in parts.items() if "reused" in p]
+  if reused:
+    lines += ["Not rerun this time (`--reuse`), taken from their results files of an earlier run: "
+              + ", ".join(reused) + ".", ""]
   for name, p in parts.items():
     if "markdown" in p:
       lines += [p["markdown"].rstrip(), ""]
@@ -205,9 +240,13 @@ def main() -> int:
   p.add_argument("--out", default=RESULTS)
   p.add_argument("--part_timeout", type=int, default=4 * 3600)
   p.add_argument("--dry_run_timeout", type=int, default=3600)
-  p.add_argument("--dry_run_loop_cost", default="unroll", choices=["auto", "unroll", "marginal", "scale", "once"],
-                 help="how the dry runs cost scanned work; fixed so that the method never depends on how long "
-                      "a compile took under load ('auto' switches from unroll to scale past one minute)")
+  p.add_argument("--dry_run_loop_cost", default="sft=unroll,grpo=scale",
+                 help="how the dry runs cost scanned work, one value or per config. Fixed, so the method never "
+                      "depends on how long a compile took under load ('auto' switches from unroll to scale past "
+                      "one minute). GRPO defaults to scale: its 7B update unrolled outgrew this 24 GB machine")
+  p.add_argument("--reuse", action="store_true",
+                 help="summarise the parts left out by --only from their results files of an earlier run "
+                      "(marked as such), e.g. to redo only the dry runs")
   args = p.parse_args()
   args.out = os.path.abspath(args.out)
   only = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -218,6 +257,11 @@ def main() -> int:
   os.makedirs(log_dir, exist_ok=True)
   t0 = time.perf_counter()
   parts = {name: run_part(name, args, log_dir) for name in PARTS if name in only}
+  if args.reuse:
+    for name in PARTS:
+      if name not in parts and (info := reuse_part(name, args)) is not None:
+        parts[name] = info
+    parts = {name: parts[name] for name in PARTS if name in parts}
   dry = run_dry_runs(args, log_dir) if "dry_run" in only else None
   lines = summary(parts, dry, args)
   record = {"command": "python benchmarks/run_all.py " + " ".join(sys.argv[1:]), "quick": args.quick,
