@@ -70,9 +70,9 @@ def reuse_part(name: str, args) -> dict | None:
   result = os.path.join(args.out, RESULT_NAMES[name] + ".json")
   if not os.path.exists(result):
     return None
+  # The results carry no date, and a file's mtime in a fresh clone is the checkout time: git log says when.
   with open(result) as f:
-    info = {"returncode": 0, "result": json.load(f), "load_before": "-", "load_after": "-",
-            "reused": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.path.getmtime(result)))}
+    info = {"returncode": 0, "result": json.load(f), "reused": os.path.relpath(result, ROOT)}
   with open(os.path.join(args.out, RESULT_NAMES[name] + ".md")) as f:
     info["markdown"] = f.read()
   info["command"] = info["result"].get("command", "")
@@ -115,17 +115,15 @@ def dry_run_has_flag() -> bool:
   return "--dry_run" in proc.stdout + proc.stderr
 
 
+# vt_jax.train.dry_run.LOOP_COSTS, not imported: this process only starts the parts and stays free of jax.
 LOOP_COSTS = ("auto", "unroll", "marginal", "scale", "once")
 
 
 def parse_loop_costs(value: str) -> dict[str, str]:
   """'unroll' (every config) or 'sft=unroll,grpo=scale' -> {config: loop cost}."""
-  if "=" not in value:
-    pairs = {"sft": value, "grpo": value}
-  else:
-    pairs = dict(item.split("=", 1) for item in value.split(",") if item)
-  bad = {k: v for k, v in pairs.items() if k not in ("sft", "grpo") or v not in LOOP_COSTS}
-  if bad or set(pairs) != {"sft", "grpo"}:
+  pairs = (dict(item.split("=", 1) for item in value.split(",") if item) if "=" in value
+           else {"sft": value, "grpo": value})
+  if set(pairs) != {"sft", "grpo"} or not set(pairs.values()) <= set(LOOP_COSTS):
     raise SystemExit(f"--dry_run_loop_cost={value!r}: one of {LOOP_COSTS}, or sft=...,grpo=... with those values")
   return pairs
 

@@ -95,7 +95,7 @@ def test_group_attention_falls_back_to_dense_when_a_group_is_too_long():
 def test_group_attention_runs_the_fewest_key_windows_that_hold_every_group():
   assert A.blockwise_sizes(12) == (4, 8, 12) and A.blockwise_sizes(2) == (1, 2) and A.blockwise_sizes(1) == (1,)
   rng = np.random.default_rng(5)
-  # Groups spanning 4 windows (merged 4 x 4 frames) -> the 4-window variant of G = 12; one spanning 5 -> 8.
+  # Longest group spanning 4 windows (merged 4 x 4 frames) -> the 4-window variant of G = 12; 6 or 8 -> 8.
   for grids, span, branch in (([(4, 8, 8)], 4, 0), ([(2, 8, 8), (1, 8, 10)], 6, 1), ([(1, 8, 16), (2, 8, 8)], 8, 1)):
     lay = _layout(grids, extra_windows=1)
     gid = jnp.asarray(lay.group_ids)[None]

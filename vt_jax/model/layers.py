@@ -55,30 +55,31 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_shape)
     kernel = self.kernel[...].astype(self.dtype)
-    x = x.astype(self.dtype)
-    if current_platform() == "cpu":
-      y = _matmul_cpu(x, kernel, n_in)
-    else:
-      contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-      y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+    matmul = _matmul_cpu if current_platform() == "cpu" else _matmul
+    y = matmul(x.astype(self.dtype), kernel, n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
 
 
+def _matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """`x [..., *in] @ kernel [*in, *out]` -> fp32 `[..., *out]`: Linear's product."""
+  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+  return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul_cpu(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-  """`x [..., *in] @ kernel [*in, *out]` -> fp32 `[..., *out]`: Linear's product with XLA:CPU's backward.
+  """`_matmul` with a backward for XLA:CPU.
 
-  Same forward as the other backends. The backward forms the weight gradient as `x^T @ dy` from an
+  The backward forms the weight gradient as `x^T @ dy` from an
   explicitly transposed `x` (an optimization barrier keeps XLA from folding the transpose into the dot):
   left to itself XLA:CPU's layout assignment transposes the larger `dy` side instead, usually inside the
   elementwise fusion that produces it (SwiGLU's gradient: ~10 ms per `[1024, 1408]` layer), and fwd+bwd of
   8 SwiGLU MLPs at 1,024 tokens went 489 -> 338 ms on the 2-core CPU. Not used on TPU/GPU,
   whose matmul units take either operand order without a copy.
   """
-  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-  return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+  return _matmul(x, kernel, n_in)
 
 
 def _matmul_cpu_fwd(x, kernel, n_in):
