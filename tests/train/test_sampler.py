@@ -132,59 +132,83 @@ def _nucleus_size(logits, temperature, top_p):
   return int(np.sum(np.cumsum(p) - p < top_p))
 
 
-def test_top_p_cascade_equals_full_sort_and_follows_distribution():
-  """Top-p over the K most likely tokens (K = 16, then 256) or the full-sort fallback: the same token for the
-  same key, and the numpy nucleus distribution. One batch per case, because the level is chosen per batch."""
+def _nucleus_distribution(logits, size):
+  """The renormalised nucleus of `size` tokens (descending, ties by id) in float64, and its member mask."""
+  p = np.exp(logits.astype(np.float64) - logits.max())
+  p /= p.sum()
+  keep = np.zeros(len(p), bool)
+  keep[np.argsort(-p, kind="stable")[:size]] = True
+  return p, keep, np.where(keep, p, 0) / p[keep].sum()
+
+
+def _check_draws(name, tokens, logp, logits, size):
+  """Every token in the nucleus, log-probs untruncated, frequencies of the 8 most likely tokens and of the rest
+  of the nucleus within 0.03 total variation of the renormalised nucleus."""
+  p, keep, want_p = _nucleus_distribution(logits, size)
+  assert keep[tokens].all(), name
+  np.testing.assert_allclose(logp, np.log(p[tokens]), rtol=1e-4, atol=1e-5)
+  top = np.argsort(-p, kind="stable")[:8]
+  freq = np.append(np.bincount(tokens, minlength=len(p))[top] / len(tokens), 1 - np.isin(tokens, top).mean())
+  ref = np.append(want_p[top], 1 - want_p[top].sum())
+  print(f"\n[sampler] top-p {name}: nucleus {size}, TV {0.5 * np.abs(freq - ref).sum():.4f}")
+  assert 0.5 * np.abs(freq - ref).sum() < 0.03, (name, freq, ref)
+
+
+def test_top_p_candidates_and_threshold_follow_the_nucleus_per_row():
+  """Top-p over the K most likely tokens (K = 16, then 256) or, for rows no K covers, over the nucleus found
+  by threshold bisection: each follows the numpy nucleus distribution, the candidate levels draw the same token
+  for the same key, and a row's token does not depend on the other rows of its batch."""
   vocab, n, temperature, top_p = 1000, 4000, 1.0, 0.9
   rng = np.random.default_rng(0)
   base = rng.standard_normal(vocab).astype(np.float32)
   cases = {  # name -> (logits, allowed nucleus sizes): each case needs a different level of the cascade
       "in top 16": (base + np.where(np.arange(vocab) % 97 < 1, 9.0, 0.0).astype(np.float32), (2, 16)),
       "in top 256": (base + np.where(np.arange(vocab) % 11 < 1, 6.0, 0.0).astype(np.float32), (17, 256)),
-      "full sort": (base * 0.2, (257, vocab)),
+      "threshold": (base * 0.2, (257, vocab)),
   }
   fast = SM.SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=1, nucleus_candidates=(16, 256))
-  full = SM.SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=1, nucleus_candidates=())
+  threshold = SM.SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=1, nucleus_candidates=())
   keys = SM.row_keys(jax.random.key(3), n)
   choose = jax.jit(SM.choose_tokens, static_argnames="config")
+  u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), (2,)))(keys)
+  alone = {}
   for name, (logits, (lo, hi)) in cases.items():
     size = _nucleus_size(logits, temperature, top_p)
     assert lo <= size <= hi, (name, size)
     batch = jnp.broadcast_to(jnp.asarray(logits), (n, vocab))
     got, logp = choose(batch, keys, 0, config=fast)
-    want, _ = choose(batch, keys, 0, config=full)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
-    # The cascade's predicate: which candidate sets cover top_p (the level the lax.cond takes), and the fast
-    # path's own draw from the K candidates equals the full sort's.
+    alone[name] = np.asarray(got)
+    # Which candidate sets cover top_p (the predicate of the cascade's conds), and each covering level's own
+    # draw from its K candidates is the cascade's token.
     lse = jax.nn.logsumexp(batch / temperature, axis=-1)
     for k in (16, 256):
       cand, ids = jax.lax.top_k(batch / temperature, k)
       weights, covered = SM._nucleus(cand, lse, top_p)  # pylint: disable=protected-access
       assert bool(jnp.all(covered)) == (size <= k) and bool(jnp.any(covered)) == (size <= k), (name, k)
       if size <= k:
-        u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), (2,)))(keys)
         direct = jnp.take_along_axis(ids, SM.sample_from_weights(weights, u)[:, None], axis=-1)[:, 0]
-        np.testing.assert_array_equal(np.asarray(direct), np.asarray(want), err_msg=(name, k))
-    p = np.exp(logits.astype(np.float64) - logits.max())
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")
-    keep = np.zeros(vocab, bool)
-    keep[order[:size]] = True
-    tokens = np.asarray(got)
-    assert keep[tokens].all(), name
-    np.testing.assert_allclose(np.asarray(logp), np.log(p[tokens]), rtol=1e-4, atol=1e-5)
-    # Frequencies of the 8 most likely tokens and of the rest of the nucleus vs the renormalised nucleus.
-    want_p = np.where(keep, p, 0) / p[keep].sum()
-    top = order[:8]
-    freq = np.append(np.bincount(tokens, minlength=vocab)[top] / n, 1 - np.isin(tokens, top).mean())
-    ref = np.append(want_p[top], 1 - want_p[top].sum())
-    print(f"\n[sampler] top-p {name}: nucleus {size}, TV {0.5 * np.abs(freq - ref).sum():.4f}")
-    assert 0.5 * np.abs(freq - ref).sum() < 0.03, (name, freq, ref)
-  # A batch mixing a peaked row with a flat one falls back as a whole; rows keep their own samples.
-  mixed = jnp.asarray(np.stack([cases["in top 16"][0], cases["full sort"][0]] * 4))
-  got, _ = SM.choose_tokens(mixed, keys[:8], 5, fast)
-  want, _ = SM.choose_tokens(mixed, keys[:8], 5, full)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(direct), alone[name], err_msg=(name, k))
+    _check_draws(name, alone[name], np.asarray(logp), logits, size)
+    by_threshold, logp = choose(batch, keys, 0, config=threshold)
+    _check_draws(f"{name}, threshold only", np.asarray(by_threshold), np.asarray(logp), logits, size)
+    if size > 256:
+      np.testing.assert_array_equal(alone[name], np.asarray(by_threshold), err_msg=name)
+  # Rows of all three kinds in one batch draw what they drew in a batch of their own kind.
+  names = list(cases) * 3
+  mixed = jnp.asarray(np.stack([cases[name][0] for name in names]))
+  got, _ = choose(mixed, keys[:len(names)], 0, config=fast)
+  np.testing.assert_array_equal(np.asarray(got), [alone[name][r] for r, name in enumerate(names)])
+
+
+def test_top_p_threshold_breaks_ties_by_id():
+  """A flat row (every token tied): the nucleus is the lowest ids holding top_p of the mass, drawn uniformly."""
+  vocab, n = 1000, 20000
+  config = SM.SamplingConfig(temperature=1.0, top_p=0.8995, max_new_tokens=1, nucleus_candidates=(16,))
+  tokens, _ = SM.choose_tokens(jnp.zeros((n, vocab)), SM.row_keys(jax.random.key(5), n), 0, config)
+  tokens = np.asarray(tokens)
+  assert tokens.min() >= 0 and tokens.max() == 899, tokens.max()  # 900 x 0.001 is the first mass >= top_p
+  freq = np.bincount(tokens // 90, minlength=10) / n
+  assert 0.5 * np.abs(freq - 0.1).sum() < 0.02, freq
 
 
 def test_sample_from_weights_two_levels():
