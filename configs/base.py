@@ -35,6 +35,9 @@ def base_config() -> config_dict.ConfigDict:
   # G, the key windows per query window of the vision tower's blockwise full attention: "auto" (12 for
   # frames of <= 128*28*28 px up to 4:1), an int as a string ("16"), or "none" (dense [P, P] scores).
   c.model.max_group_windows = "auto"
+  # Windows per window-attention block of the vision tower: "auto" (2 on TPU, so 64-patch windows fill the
+  # 128-lane score tiles; 1 elsewhere) or an int as a string ("1"). Exact either way (windows masked by id).
+  c.model.windows_per_block = "auto"
   c.model.vocab_size = 0                         # >0: override the vocabulary size (small tokenizers)
   c.model.token_ids = config_dict.ConfigDict()   # override special ids, e.g. eos_token_ids, video_token_id
   # Override fields of the preset's TextConfig / VisionConfig (new models only: a checkpoint's config

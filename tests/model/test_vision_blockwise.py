@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 import torch
 
 import importlib
@@ -232,3 +233,66 @@ def test_sharded_batch_equals_single_device():
                jax.device_put(gid, NamedSharding(mesh, P(("data", "fsdp")))))
   assert bool(A.group_window_plan(gid, window_patches=WP, max_group_windows=4)[1])
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
+
+
+@pytest.mark.parametrize("per_block", [2, 4])
+def test_several_windows_per_attention_block_equal_transformers(models, per_block):
+  """Window layers over blocks of 2 or 4 windows (TPU's default fills 128 lanes) keep windows apart by id:
+  the tower still equals transformers, and gradients equal one window per block. With ids that do not tell
+  the windows apart the result changes, so the blocks really hold several windows."""
+  from vt_jax.model.vision import resolve_windows_per_block
+  hf, ours = models
+  grids = GRIDS
+  px = pixels(grids, np.random.default_rng(7))
+  with torch.no_grad():
+    theirs = hf.model.visual(torch.as_tensor(px), grid_thw=torch.tensor(grids)).pooler_output.numpy()
+  lay = _layout(grids, extra_windows=3)  # 28 windows: 2 and 4 both divide it
+  assert resolve_windows_per_block(per_block, WP, lay.capacity // WP) == per_block
+  inputs = (jnp.asarray(VL.gather_patches(px, lay))[None], jnp.asarray(lay.pos_hw)[None],
+            jnp.asarray(lay.window_ids)[None], jnp.asarray(lay.group_ids)[None])
+  index = np.concatenate(lay.merged_index)
+  saved = ours.visual.windows_per_block
+
+  def run(setting, window_ids=inputs[2]):
+    ours.visual.windows_per_block = setting
+    graphdef, state = nnx.split(ours.visual)
+
+    def loss(state):
+      out = nnx.merge(graphdef, state)(inputs[0], inputs[1], window_ids, inputs[3])[0]
+      return jnp.sum(jnp.sin(out[index])), out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(state)
+    return np.asarray(out), grads
+
+  try:
+    out, grads = run(per_block)
+    one, grads_one = run(1)
+    # Every real patch in window 1: pairs of windows now attend each other.
+    merged_ids = jnp.where(inputs[2] > 0, 1, 0)
+    mixed = run(per_block, merged_ids)[0]
+    mixed_one = run(1, merged_ids)[0]
+  finally:
+    ours.visual.windows_per_block = saved
+  diff_hf = float(np.abs(out[index] - theirs).max())
+  print(f"\n[{per_block} windows per block] vs transformers {diff_hf:.3g}")
+  assert diff_hf <= 1e-4
+  np.testing.assert_allclose(out[index], one[index], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_one)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+  assert float(np.abs(mixed[index] - mixed_one[index]).max()) > 1e-3
+
+
+def test_windows_per_block_setting():
+  from flax import nnx as _nnx
+  from vt_jax.model.vision import VisionTower, resolve_windows_per_block
+  assert resolve_windows_per_block("auto", 64, 96, "tpu") == 2  # released 112 px windows: 128 lanes
+  assert resolve_windows_per_block("auto", 64, 95, "tpu") == 1  # blocks must tile the buffer
+  assert resolve_windows_per_block("auto", 16, 28, "tpu") == 4  # gcd(8, 28)
+  assert resolve_windows_per_block("auto", 64, 96, "cpu") == 1
+  assert resolve_windows_per_block("auto", 64, 96, "gpu") == 1
+  assert resolve_windows_per_block("3", 64, 96, "cpu") == 3
+  for bad in (0, -1, "x", 1.5, True):
+    with pytest.raises(ValueError, match="windows_per_block"):
+      resolve_windows_per_block(bad, 64, 96, "cpu")
+  with pytest.raises(ValueError, match="windows_per_block"):
+    VisionTower(TINY.vision, rngs=_nnx.Rngs(0), windows_per_block=0)

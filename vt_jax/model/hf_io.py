@@ -280,7 +280,8 @@ def check_checkpoint(reader: CheckpointReader, config: ModelConfig, *, strict: b
 def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules: S.Rules | None = None,
                     param_dtype=jnp.float32, dtype=jnp.bfloat16, remat: str = "none", attention: str = "auto",
                     config: ModelConfig | None = None, strict: bool = True,
-                    max_group_windows: int | str | None = "auto") -> Qwen25VL:
+                    max_group_windows: int | str | None = "auto",
+                    windows_per_block: int | str = "auto") -> Qwen25VL:
   """Loads a Hugging Face Qwen2.5-VL directory into `Qwen25VL`.
 
   Every tensor goes straight into its target dtype and sharding (on `mesh` through the logical `rules`, or
@@ -300,7 +301,8 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
 
   def init():
     return Qwen25VL(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, remat=remat,
-                    attention=attention, rules=model_rules, max_group_windows=max_group_windows)
+                    attention=attention, rules=model_rules, max_group_windows=max_group_windows,
+                    windows_per_block=windows_per_block)
 
   abstract = nnx.eval_shape(init)  # outside any mesh: nnx would read logical names as mesh axes
   graphdef, state = nnx.split(abstract)

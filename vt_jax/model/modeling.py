@@ -26,18 +26,20 @@ class Qwen25VL(nnx.Module):
   "cudnn", or "auto" = the fast kernel of the backend the model is traced for). `rules`: logical
   sharding rules for activation constraints (set by `sharding.create_model`). `max_group_windows`: G of
   the vision tower's blockwise full-attention layers (`VisionTower`): an int, None / "none" (dense) or
-  "auto"; the config field `model.max_group_windows`.
+  "auto"; the config field `model.max_group_windows`. `windows_per_block`: windows per window-attention
+  block of the vision tower (an int, or "auto": 2 on TPU, else 1); the config field `model.windows_per_block`.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.bfloat16,
                remat: str = "none", attention: str = "xla", rules=None,
-               max_group_windows: int | str | None = "auto"):
+               max_group_windows: int | str | None = "auto", windows_per_block: int | str = "auto"):
     config.validate()
     self.config = config
     self.dtype = dtype
     self.rules = rules
     self.visual = VisionTower(config.vision, rngs=rngs, param_dtype=param_dtype, dtype=dtype, remat=remat,
-                              attention_impl=attention, rules=rules, max_group_windows=max_group_windows)
+                              attention_impl=attention, rules=rules, max_group_windows=max_group_windows,
+                              windows_per_block=windows_per_block)
     self.text = TextDecoder(config.text, rngs=rngs, param_dtype=param_dtype, dtype=dtype, remat=remat,
                             attention_impl=attention, rules=rules)
     if config.text.tie_word_embeddings:

@@ -110,7 +110,8 @@ def resolve_model_config(cfg):
 def _model_kwargs(cfg) -> dict:
   m = cfg.model
   return dict(param_dtype=parse_dtype(m.param_dtype, "model.param_dtype"), dtype=parse_dtype(m.dtype, "model.dtype"),
-              remat=m.remat, attention=m.attention, max_group_windows=m.get("max_group_windows", "auto"))
+              remat=m.remat, attention=m.attention, max_group_windows=m.get("max_group_windows", "auto"),
+              windows_per_block=m.get("windows_per_block", "auto"))
 
 
 def abstract_model(cfg, mesh, model_cfg=None):
