@@ -1,0 +1,86 @@
+"""The TPU cost model's price of one 7B vision block, forward + backward with remat, on one chip, no TPU needed.
+
+    .venv/bin/python benchmarks/tpu_cost_vision_block.py                 # v5e, ~2 min on 2 cores
+    .venv/bin/python benchmarks/tpu_cost_vision_block.py --topology v5p-8 --patches 6144
+
+Compiles `jax.grad` of a rematerialised `VisionBlock` (bf16 params and compute) for one chip of the
+topology, one row of `--patches` slots (the SFT config's vision_capacity: 6,144), and prints the
+compiler's time (its 'optimal_seconds', or the roofline of its FLOPs and bytes where it gives none),
+FLOPs and bytes for: a window block with 1 and 2 windows per attention block (`windows_per_block`), a
+window block without attention (the rest of the block), and a full-attention block through
+`group_attention` (the `lax.switch` over its variants) and through its G = 12 and G = 4 blockwise branches
+alone. Estimates, not measurements: they rank variants for the TPU compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--topology", default="v5e-256")
+  p.add_argument("--patches", type=int, default=6144)
+  args = p.parse_args(argv)
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from vt_jax.model import config as C, vision as V  # pylint: disable=g-import-not-at-top
+  from vt_jax.train import dry_run as D  # pylint: disable=g-import-not-at-top
+  A = importlib.import_module("vt_jax.model.attention")  # the package re-exports a function of this name
+
+  _, devices = D.topology_devices(args.topology)
+  device = devices[0]
+  chip = D.tpu_specs.chip_for_device_kind(device.device_kind)
+  cfg = C.PRESETS["7b"].vision
+  g = V.max_windows_per_group(cfg)
+  wp = cfg.window_patches
+  graphdef, params = nnx.split(V.VisionBlock(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16))
+  one = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+  args_abstract = (jax.tree.map(lambda t: spec(t.shape, t.dtype), params),
+                   spec((1, args.patches, cfg.hidden_size), jnp.bfloat16),
+                   spec((1, args.patches, cfg.head_dim), jnp.float32), spec((1, args.patches, cfg.head_dim), jnp.float32),
+                   spec((1, args.patches), jnp.int32), spec((1, args.patches), jnp.int32))
+
+  def blockwise(size):
+    return lambda q, k, v, gid, **kw: A.blockwise_group_attention(q, k, v, gid, kw["plan"][0][..., :size],
+                                                                  window_patches=kw["window_patches"])
+
+  variants = {  # name -> (is_full, windows_per_block, replacement for (module attribute, function))
+      "window block, 1 window per attention block": (False, 1, None),
+      "window block, 2 windows per attention block": (False, 2, None),
+      "window block without attention": (False, 1, ("attention", lambda q, *a, **kw: q)),
+      f"full block, group_attention (switch, G = {g})": (True, 1, None),
+      f"full block, blockwise G = {g} alone": (True, 1, ("group_attention", blockwise(g))),
+      f"full block, blockwise G = {-(-g // 3)} alone": (True, 1, ("group_attention", blockwise(-(-g // 3)))),
+  }
+  print(f"one {device.device_kind} chip of {args.topology}: 7B vision block fwd + bwd (remat), {args.patches} "
+        f"patch slots, bf16")
+  for name, (is_full, per_block, patch) in variants.items():
+    def loss(params, x, cos, sin, wid, gid, is_full=is_full, per_block=per_block, patch=patch):
+      block = nnx.merge(graphdef, params)
+      plan = A.group_window_plan(gid, window_patches=wp, max_group_windows=g)
+      saved = getattr(V, patch[0]) if patch else None
+      if patch:
+        setattr(V, patch[0], patch[1])
+      try:
+        y = block(x, cos, sin, wid, gid, is_full, max_group_windows=g, plan=plan, windows_per_block=per_block)
+      finally:
+        if patch:
+          setattr(V, patch[0], saved)
+      return jnp.sum(y.astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(jax.checkpoint(loss, prevent_cse=False), argnums=(0, 1))).lower(
+        *args_abstract).compile()
+    flops, seconds, roofline = D._cost(compiled, chip.peak_bf16_flops, chip.hbm_bandwidth)  # pylint: disable=protected-access
+    accessed = (compiled.cost_analysis() or {}).get("bytes accessed", 0.0)
+    print(f"  {name:48s} {seconds * 1e3:7.2f} ms{' (roofline)' if roofline else ''}  {flops / 1e9:6.0f} GFLOP  "
+          f"{accessed / 1e9:6.2f} GB  {flops / seconds / chip.peak_bf16_flops:4.0%} of peak", flush=True)
+
+
+if __name__ == "__main__":
+  main()
