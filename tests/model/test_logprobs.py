@@ -237,3 +237,13 @@ def test_where_without_compaction_equals_with_it_on_prefix_masks():
   for a, b in zip(got + got_g, want + want_g):
     np.testing.assert_allclose(a, b, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(got[0])[~np.asarray(where)], 0.0)
+
+
+def test_front_first_is_the_stable_sort_and_its_inverse():
+  from vt_jax.model.logprobs import _front_first  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for where in (rng.random((5, 37)) < 0.4, np.ones((2, 9), bool), np.zeros((2, 9), bool)):
+    order, slot = map(np.asarray, _front_first(jnp.asarray(where)))
+    np.testing.assert_array_equal(order, np.argsort(~where, axis=1, kind="stable"))
+    np.testing.assert_array_equal(np.take_along_axis(slot, order, 1), np.broadcast_to(np.arange(where.shape[1]),
+                                                                                      where.shape))
