@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from vt_jax.model.platform import current_platform
+
 # Mesh axes the batch and heads are split over (the project's mesh is data/fsdp/tensor).
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -42,18 +44,6 @@ HEAD_AXIS = "tensor"
 # Splash tiles are multiples of the TPU lane width; the kernel rejects anything else.
 _LANES = 128
 _BLOCK_CHOICES = (512, 256, 128)
-
-
-def current_platform() -> str:
-  """Platform the code being traced will run on: 'tpu', 'gpu', 'cpu', ...
-
-  Inside `jax.set_mesh(mesh)` this is the mesh's platform, which differs from
-  `jax.default_backend()` when a CPU process AOT-compiles for a TPU topology.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.abstract_device is not None:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
 
 
 def select_attention_impl(backend: str | None = None) -> str:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vt_jax.model import sharding
-from vt_jax.model.fast_attention import current_platform
+from vt_jax.model.platform import current_platform
 
 Axes = tuple[str | None, ...]
 

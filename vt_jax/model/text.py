@@ -11,7 +11,7 @@ from flax import nnx
 
 from vt_jax.model.attention import attention, cache_attention
 from vt_jax.model.config import TextConfig
-from vt_jax.model.fast_attention import current_platform
+from vt_jax.model.platform import current_platform
 from vt_jax.model.layers import (Linear, RMSNorm, apply_rotary, constrain, gated, mrope_cos_sin, normal_init,
                                  param, scan_layers, stack_layers)
 from vt_jax.model.sharding import CACHE_AXES

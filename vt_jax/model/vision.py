@@ -34,7 +34,7 @@ import math
 
 from vt_jax.model.attention import attention, group_attention, group_window_plan
 from vt_jax.model.config import VisionConfig
-from vt_jax.model.fast_attention import current_platform
+from vt_jax.model.platform import current_platform
 from vt_jax.model.layers import (REMAT_POLICIES, Linear, RMSNorm, apply_rotary, constrain, gated, scan_layers,
                                  stack_layers, vision_cos_sin)
 

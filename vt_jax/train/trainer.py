@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vt_jax.model.fast_attention import current_platform
+from vt_jax.model.platform import current_platform
 from vt_jax.train import checkpoint as ckpt_lib
 from vt_jax.train import distributed, flops as flops_lib, metrics as metrics_lib, optimizer as optim_lib
 
