@@ -9,7 +9,8 @@ compiler's time (its 'optimal_seconds', or the roofline of its FLOPs and bytes w
 FLOPs and bytes for: a window block with 1 and 2 windows per attention block (`windows_per_block`), a
 window block without attention (the rest of the block), and a full-attention block through
 `group_attention` (the `lax.switch` over its variants) and through its G = 12 and G = 4 blockwise branches
-alone. Estimates, not measurements: they rank variants for the TPU compiler.
+alone. Traced inside a one-chip TPU mesh, as the dry run traces the step, so per-backend choices are the
+TPU's. Estimates, not measurements: they rank variants for the TPU compiler.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main(argv=None):
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from vt_jax.model import config as C, vision as V  # pylint: disable=g-import-not-at-top
@@ -39,7 +41,8 @@ def main(argv=None):
   g = V.max_windows_per_group(cfg)
   wp = cfg.window_patches
   graphdef, params = nnx.split(V.VisionBlock(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16))
-  one = jax.sharding.SingleDeviceSharding(device)
+  mesh = jax.sharding.Mesh(np.asarray([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)
   args_abstract = (jax.tree.map(lambda t: spec(t.shape, t.dtype), params),
                    spec((1, args.patches, cfg.hidden_size), jnp.bfloat16),
@@ -74,8 +77,9 @@ def main(argv=None):
           setattr(V, patch[0], saved)
       return jnp.sum(y.astype(jnp.float32))
 
-    compiled = jax.jit(jax.grad(jax.checkpoint(loss, prevent_cse=False), argnums=(0, 1))).lower(
-        *args_abstract).compile()
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(jax.grad(jax.checkpoint(loss, prevent_cse=False), argnums=(0, 1))).lower(
+          *args_abstract).compile()
     flops, seconds, roofline = D._cost(compiled, chip.peak_bf16_flops, chip.hbm_bandwidth)  # pylint: disable=protected-access
     accessed = (compiled.cost_analysis() or {}).get("bytes accessed", 0.0)
     print(f"  {name:48s} {seconds * 1e3:7.2f} ms{' (roofline)' if roofline else ''}  {flops / 1e9:6.0f} GFLOP  "

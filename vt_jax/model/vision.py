@@ -88,8 +88,8 @@ def resolve_windows_per_block(setting, window_patches: int, num_windows: int, pl
   Several windows in one block are kept apart by the window-id mask (real patches of different windows
   never attend each other), so the result for real patches is exact; only the masked scores cost more.
   On TPU a 64-key block pads every score tile to 128 lanes: the TPU cost model prices one 7B window
-  block's fwd + bwd at 6,144 patches (v5e, remat) at 8.82 ms with one window per block, and the window
-  attention alone at 1.80 vs 1.18 ms with two (twice the score FLOPs).
+  block's fwd + bwd at 6,144 patches (v5e, remat) at 7.80 ms with one window per block and 7.01 ms with
+  two (twice the score FLOPs; `benchmarks/tpu_cost_vision_block.py`).
   """
   if isinstance(setting, str):
     if setting.strip().lower() != "auto":
