@@ -5,9 +5,10 @@
 A decode step reads every weight once (and the KV cache up to its length) for 8 rows of one token each, so
 on a CPU it is bound by memory bandwidth, not FLOPs. This times, on the "small" preset (text 512 x 8
 layers, vocab 151,936 tied) with 8 rows, a `lax.fori_loop` of `model.decode_step` (the sampler's inner
-loop, cache carried and donated), its decoder layers alone and its logits alone, at two cache lengths,
-in fp32 and bf16; and the machine's read bandwidth (an XLA sum over 1 GiB). The floor of a step is the
-bytes it must read (decoder-layer weights + output embedding + the cache's k/v) over that bandwidth.
+loop, with the output projection from `decode_head()` as the sampler passes it), its decoder layers alone
+and its logits alone, at two cache lengths, in fp32 and bf16; and the machine's read bandwidth (an XLA sum
+over 1 GiB). The floor of a step is the bytes it must read (decoder-layer weights + output embedding + the
+cache's k/v) over that bandwidth.
 Writes benchmarks/results/bench_decode.{json,md}.
 """
 
@@ -54,12 +55,14 @@ def step_programs(model, length: int):
   graphdef, _ = nnx.split(model)
   hidden = model.config.text.hidden_size
 
-  def full(state, tokens):
+  head = model.decode_head()  # as the sampler: once per generation, eagerly
+
+  def full(state, tokens, head):
     m = nnx.merge(graphdef, state)
 
     def body(_, carry):
       cache, t = carry
-      logits, cache = m.decode_step(cache, t)
+      logits, cache = m.decode_step(cache, t, head)
       return cache, jnp.argmax(logits, -1).astype(jnp.int32)  # the next step depends on this one's logits
     return jax.lax.fori_loop(0, STEPS, body, (m.init_cache(ROWS, length), tokens))[1]
 
@@ -73,14 +76,15 @@ def step_programs(model, length: int):
     cache = jax.lax.fori_loop(0, STEPS, body, m.init_cache(ROWS, length))
     return cache.k[:, :, :, :STEPS].sum() + cache.next_position.sum()
 
-  def logits(state, tokens):
+  def logits(state, tokens, head):
     m = nnx.merge(graphdef, state)
 
     def body(_, h):
-      return h + m.logits(h)[:, :hidden] * 1e-9
+      return h + m.logits(h, head)[:, :hidden] * 1e-9
     return jax.lax.fori_loop(0, STEPS, body, jnp.ones((ROWS, hidden), jnp.float32) + tokens[:, None])
 
-  return {"decode step": jax.jit(full), "decoder layers": jax.jit(layers), "logits": jax.jit(logits)}
+  with_head = lambda fn: (lambda state, tokens, fn=jax.jit(fn): fn(state, tokens, head))
+  return {"decode step": with_head(full), "decoder layers": jax.jit(layers), "logits": with_head(logits)}
 
 
 def floor_bytes(model, length: int) -> dict[str, int]:

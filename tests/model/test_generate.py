@@ -144,3 +144,28 @@ def test_prefill_self_attention_equals_attention_against_the_cache(models):
   np.testing.assert_allclose(np.asarray(c_self.k), np.asarray(c_cache.k), atol=2e-5)
   np.testing.assert_array_equal(np.asarray(c_self.valid), np.asarray(c_cache.valid))
   assert int(c_self.index) == t
+
+
+@pytest.mark.parametrize("dtype,tie", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)])
+def test_decode_head_gives_the_same_logits(dtype, tie):
+  """`decode_head()`: a tied fp32 table on CPU comes as a `[D, V]` copy (XLA:CPU's faster decode layout),
+  otherwise None (the model's own projection); logits through it equal the default ones, in decode steps too."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from vt_jax.model.modeling import Qwen25VL  # pylint: disable=import-outside-toplevel
+  config = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, tie_word_embeddings=tie))
+  model = Qwen25VL(config, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype)
+  head = model.decode_head()
+  d, v = config.text.hidden_size, config.text.vocab_size
+  if not (tie and dtype == jnp.float32):
+    assert head is None
+    return
+  assert head.shape == (d, v)
+  np.testing.assert_array_equal(np.asarray(head), np.asarray(model.text.embed_tokens[...]).T)
+  hidden = jnp.asarray(np.random.default_rng(0).standard_normal((3, d)), dtype)
+  np.testing.assert_allclose(np.asarray(model.logits(hidden, head)), np.asarray(model.logits(hidden)),
+                             rtol=1e-5, atol=1e-5)
+  cache = model.init_cache(2, 8)
+  tokens = jnp.asarray([3, 5], jnp.int32)
+  with_head, _ = model.decode_step(cache, tokens, head)
+  plain, _ = model.decode_step(cache, tokens)
+  np.testing.assert_allclose(np.asarray(with_head), np.asarray(plain), rtol=1e-5, atol=1e-5)

@@ -318,7 +318,7 @@ def _cache_dtype(model, config: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "group_size"))
-def _sample_jit(graphdef, state, arrays, key, *, config: SamplingConfig, group_size: int):
+def _sample_jit(graphdef, state, arrays, key, head, *, config: SamplingConfig, group_size: int):
   TRACE_COUNTS["sample"] += 1  # runs at trace time only
   model = nnx.merge(graphdef, state)
   t = config.max_new_tokens
@@ -342,7 +342,7 @@ def _sample_jit(graphdef, state, arrays, key, *, config: SamplingConfig, group_s
     tokens = jax.lax.dynamic_update_slice(s["tokens"], token[:, None], (0, s["step"]))
     logprobs = jax.lax.dynamic_update_slice(s["logprobs"], jnp.where(live, logp, 0.0)[:, None], (0, s["step"]))
     # The last step's decode is wasted work, but skipping it would need a cond around the whole model.
-    next_logits, cache = model.decode_step(s["cache"], token)
+    next_logits, cache = model.decode_step(s["cache"], token, head)
     return dict(step=s["step"] + 1, logits=next_logits, cache=cache, tokens=tokens, logprobs=logprobs,
                 lengths=s["lengths"] + live.astype(jnp.int32), finished=s["finished"] | hit_eos,
                 done=s["done"] | hit_eos)
@@ -369,7 +369,8 @@ def sample(model, prompts: Mapping[str, Any], *, key: jax.Array, config: Samplin
     raise SamplingError(f"group_size must be >= 1, got {group_size}")
   arrays = _prompt_arrays(prompts)
   graphdef, state = nnx.split(model)
-  tokens, lengths, finished, logprobs = _sample_jit(graphdef, state, arrays, key, config=config,
+  head = model.decode_head()  # eager: a real [D, V] copy on CPU (traced, the transpose folds into the dot)
+  tokens, lengths, finished, logprobs = _sample_jit(graphdef, state, arrays, key, head, config=config,
                                                     group_size=group_size)
   return SampleOutput(tokens=tokens, lengths=lengths, finished=finished, logprobs=logprobs)
 
