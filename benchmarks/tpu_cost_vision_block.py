@@ -44,10 +44,10 @@ def main(argv=None):
   mesh = jax.sharding.Mesh(np.asarray([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
   one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+  rotary = spec((1, args.patches, cfg.head_dim), jnp.float32)  # cos, sin
+  ids = spec((1, args.patches), jnp.int32)  # window ids, group ids
   args_abstract = (jax.tree.map(lambda t: spec(t.shape, t.dtype), params),
-                   spec((1, args.patches, cfg.hidden_size), jnp.bfloat16),
-                   spec((1, args.patches, cfg.head_dim), jnp.float32), spec((1, args.patches, cfg.head_dim), jnp.float32),
-                   spec((1, args.patches), jnp.int32), spec((1, args.patches), jnp.int32))
+                   spec((1, args.patches, cfg.hidden_size), jnp.bfloat16), rotary, rotary, ids, ids)
 
   def blockwise(size):
     return lambda q, k, v, gid, **kw: A.blockwise_group_attention(q, k, v, gid, kw["plan"][0][..., :size],
@@ -80,7 +80,8 @@ def main(argv=None):
     with jax.set_mesh(mesh):
       compiled = jax.jit(jax.grad(jax.checkpoint(loss, prevent_cse=False), argnums=(0, 1))).lower(
           *args_abstract).compile()
-    flops, seconds, roofline = D._cost(compiled, chip.peak_bf16_flops, chip.hbm_bandwidth)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    flops, seconds, roofline = D._cost(compiled, chip.peak_bf16_flops, chip.hbm_bandwidth)
     accessed = (compiled.cost_analysis() or {}).get("bytes accessed", 0.0)
     print(f"  {name:48s} {seconds * 1e3:7.2f} ms{' (roofline)' if roofline else ''}  {flops / 1e9:6.0f} GFLOP  "
           f"{accessed / 1e9:6.2f} GB  {flops / seconds / chip.peak_bf16_flops:4.0%} of peak", flush=True)
