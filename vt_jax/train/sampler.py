@@ -480,13 +480,13 @@ def _prefill_jit(graphdef, state, arrays, *, config: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
-def _step_jit(graphdef, state, logits, cache, keys, step, done, *, config: SamplingConfig):
+def _step_jit(graphdef, state, logits, cache, keys, step, done, head, *, config: SamplingConfig):
   TRACE_COUNTS["step"] += 1
   model = nnx.merge(graphdef, state)
   token, _ = choose_tokens(logits, keys, step, config)
   token = jnp.where(done, config.pad_id, token)
   hit_eos = ~done & jnp.any(token[:, None] == jnp.asarray(config.eos_ids, jnp.int32)[None, :], axis=1)
-  next_logits, cache = model.decode_step(cache, token)
+  next_logits, cache = model.decode_step(cache, token, head)
   return token, next_logits, cache, done | hit_eos
 
 
@@ -501,9 +501,10 @@ def stream(model, prompts: Mapping[str, Any], *, key: jax.Array, config: Samplin
   logits, cache, has_prompt = _prefill_jit(graphdef, state, arrays, config=config)
   keys = row_keys(key, logits.shape[0])
   done = ~has_prompt
+  head = model.decode_head()  # as in `sample`
   for step in range(config.max_new_tokens):
     if bool(jnp.all(done)):
       return
-    token, logits, cache, done = _step_jit(graphdef, state, logits, cache, keys, jnp.int32(step), done,
+    token, logits, cache, done = _step_jit(graphdef, state, logits, cache, keys, jnp.int32(step), done, head,
                                            config=config)
     yield np.asarray(token)
