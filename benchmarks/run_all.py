@@ -79,6 +79,15 @@ def reuse_part(name: str, args) -> dict | None:
   return info
 
 
+def reuse_dry_runs(args, previous: dict | None) -> dict | None:
+  """The dry-run entry of the previous run_all.json in --out (None when it had none), marked as reused."""
+  dry = (previous or {}).get("dry_run")
+  if not dry:
+    return None
+  return {**dry, "reused": os.path.relpath(os.path.join(args.out, "run_all.json"), ROOT),
+          "reused_command": dry.get("reused_command") or previous.get("command", "")}
+
+
 def run_part(name: str, args, log_dir: str) -> dict:
   cmd = [sys.executable, os.path.join(HERE, PARTS[name]), "--out", args.out]
   if args.quick:
@@ -206,8 +215,8 @@ def summary(parts: dict, dry: dict | None, args) -> list[str]:
            "| benchmark | vt_jax | reference | ratio | target | met |", "|---|---|---|---|---|---|"]
   for name, ours, ref, ratio, target, ok in rows:
     lines.append(f"| {name} | {ours} | {ref} | {f'{ratio}x' if ratio != '' else ''} | {target} | {_mark(ok)} |")
-  lines += ["", "Load average (1 min) around each part: " + ", ".join(
-      f"{n} {p['load_before']} -> {p['load_after']}" for n, p in parts.items() if "reused" not in p) + ".", ""]
+  ran = [f"{n} {p['load_before']} -> {p['load_after']}" for n, p in parts.items() if "reused" not in p]
+  lines += [""] + (["Load average (1 min) around each part: " + ", ".join(ran) + ".", ""] if ran else [])
   reused = [f"{n} ({p['reused']})" for n, p in parts.items() if "reused" in p]
   if reused:
     lines += ["Not rerun this time (`--reuse`), taken from their results files of an earlier run: "
@@ -221,7 +230,11 @@ def summary(parts: dict, dry: dict | None, args) -> list[str]:
   lines += ["## 6. TPU dry run (7B SFT and GRPO on v5p-64 and v5e-256)", ""]
   if dry is None:
     lines.append("Not run (--only excluded it).")
-  elif not dry["available"]:
+    return lines
+  if "reused" in dry:
+    lines += [f"Not rerun this time (`--reuse`): the dry runs of `{dry['reused_command']}`, from {dry['reused']}.",
+              ""]
+  if not dry["available"]:
     lines.append(f"Missing: {dry['note']}")
   else:
     for r in dry["runs"]:
@@ -244,7 +257,8 @@ def main() -> int:
                       "one minute). GRPO defaults to scale: its 7B update unrolled outgrew this 24 GB machine")
   p.add_argument("--reuse", action="store_true",
                  help="summarise the parts left out by --only from their results files of an earlier run "
-                      "(marked as such), e.g. to redo only the dry runs")
+                      "(marked as such; the dry runs from the previous run_all.json), e.g. to redo only the dry "
+                      "runs")
   args = p.parse_args()
   args.out = os.path.abspath(args.out)
   only = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -253,6 +267,10 @@ def main() -> int:
     p.error(f"--only: unknown parts {unknown}; choose from {sorted(PARTS) + ['dry_run']}")
   log_dir = os.path.join(args.out, "logs")
   os.makedirs(log_dir, exist_ok=True)
+  previous = None
+  if args.reuse and os.path.exists(os.path.join(args.out, "run_all.json")):
+    with open(os.path.join(args.out, "run_all.json")) as f:
+      previous = json.load(f)
   t0 = time.perf_counter()
   parts = {name: run_part(name, args, log_dir) for name in PARTS if name in only}
   if args.reuse:
@@ -260,7 +278,10 @@ def main() -> int:
       if name not in parts and (info := reuse_part(name, args)) is not None:
         parts[name] = info
     parts = {name: parts[name] for name in PARTS if name in parts}
-  dry = run_dry_runs(args, log_dir) if "dry_run" in only else None
+  if "dry_run" in only:
+    dry = run_dry_runs(args, log_dir)
+  else:
+    dry = reuse_dry_runs(args, previous) if args.reuse else None
   lines = summary(parts, dry, args)
   record = {"command": "python benchmarks/run_all.py " + " ".join(sys.argv[1:]), "quick": args.quick,
             "threads": args.threads or len(os.sched_getaffinity(0)), "wall_s": round(time.perf_counter() - t0, 1),
