@@ -15,6 +15,7 @@ Writes benchmarks/results/bench_decode.{json,md}.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -83,7 +84,7 @@ def step_programs(model, length: int):
       return h + m.logits(h, head)[:, :hidden] * 1e-9
     return jax.lax.fori_loop(0, STEPS, body, jnp.ones((ROWS, hidden), jnp.float32) + tokens[:, None])
 
-  with_head = lambda fn: (lambda state, tokens, fn=jax.jit(fn): fn(state, tokens, head))
+  with_head = lambda fn: functools.partial(jax.jit(fn), head=head)
   return {"decode step": with_head(full), "decoder layers": jax.jit(layers), "logits": with_head(logits)}
 
 

@@ -283,7 +283,6 @@ def test_several_windows_per_attention_block_equal_transformers(models, per_bloc
 
 
 def test_windows_per_block_setting():
-  from flax import nnx as _nnx
   from vt_jax.model.vision import VisionTower, resolve_windows_per_block
   assert resolve_windows_per_block("auto", 64, 96, "tpu") == 2  # released 112 px windows: 128 lanes
   assert resolve_windows_per_block("auto", 64, 95, "tpu") == 1  # blocks must tile the buffer
@@ -295,4 +294,4 @@ def test_windows_per_block_setting():
     with pytest.raises(ValueError, match="windows_per_block"):
       resolve_windows_per_block(bad, 64, 96, "cpu")
   with pytest.raises(ValueError, match="windows_per_block"):
-    VisionTower(TINY.vision, rngs=_nnx.Rngs(0), windows_per_block=0)
+    VisionTower(TINY.vision, rngs=nnx.Rngs(0), windows_per_block=0)

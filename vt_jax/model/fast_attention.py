@@ -35,14 +35,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from vt_jax.model.platform import current_platform
+from vt_jax.model.platform import TPU_LANES, current_platform
 
 # Mesh axes the batch and heads are split over (the project's mesh is data/fsdp/tensor).
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 
-# Splash tiles are multiples of the TPU lane width; the kernel rejects anything else.
-_LANES = 128
+# Splash tiles are multiples of TPU_LANES; the kernel rejects anything else.
 _BLOCK_CHOICES = (512, 256, 128)
 
 
@@ -134,7 +133,7 @@ def splash_block_size(seq_len: int) -> int:
   for block in _BLOCK_CHOICES:
     if seq_len % block == 0:
       return block
-  raise ValueError(f"sequence length {seq_len} is not a multiple of {_LANES}")
+  raise ValueError(f"sequence length {seq_len} is not a multiple of {TPU_LANES}")
 
 
 def _splash_kernel(seq_len: int, heads: int, causal: bool, block: int, interpret: bool):
@@ -243,7 +242,7 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,
     interpret = current_platform() != "tpu"
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
-  padded = -(-seq_len // _LANES) * _LANES
+  padded = -(-seq_len // TPU_LANES) * TPU_LANES
   block = splash_block_size(padded)
   # Scale q in fp32 once, instead of every logit inside the kernel.
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import jax
 
+# The minor dimension of a TPU vector register: splash tiles and score tiles are multiples of it.
+TPU_LANES = 128
+
 
 def current_platform() -> str:
   """Platform the code being traced will run on: 'tpu', 'gpu', 'cpu', ...

@@ -34,7 +34,7 @@ import math
 
 from vt_jax.model.attention import attention, group_attention, group_window_plan
 from vt_jax.model.config import VisionConfig
-from vt_jax.model.platform import current_platform
+from vt_jax.model.platform import TPU_LANES, current_platform
 from vt_jax.model.layers import (REMAT_POLICIES, Linear, RMSNorm, apply_rotary, constrain, gated, scan_layers,
                                  stack_layers, vision_cos_sin)
 
@@ -75,9 +75,6 @@ def full_attention_period(cfg: VisionConfig) -> int | None:
   if k < 2 or full != tuple(range(k - 1, cfg.depth, k)):
     return None
   return k
-
-
-TPU_LANES = 128  # the minor dimension of a TPU vector register / score tile
 
 
 def resolve_windows_per_block(setting, window_patches: int, num_windows: int, platform: str | None = None) -> int:
