@@ -30,7 +30,9 @@ def base_config() -> config_dict.ConfigDict:
   c.model.dtype = "bfloat16"                     # compute
   c.model.remat = "none"                         # activation checkpointing policy of the model
   # Decoder attention: "auto" = Pallas splash on TPU, cuDNN flash on CUDA GPUs, XLA elsewhere (and for
-  # calls a kernel cannot take, e.g. KV-cache decode steps); or force "xla" | "splash" | "cudnn".
+  # calls a kernel cannot take, e.g. KV-cache decode steps); or force "xla" | "splash" | "cudnn". The vision
+  # tower's full-attention layers follow it on TPU (splash with a band); its window layers stay on XLA
+  # unless "splash" is forced.
   c.model.attention = "auto"
   # G, the key windows per query window of the vision tower's blockwise full attention: "auto" (12 for
   # frames of <= 128*28*28 px up to 4:1), an int as a string ("16"), or "none" (dense [P, P] scores).

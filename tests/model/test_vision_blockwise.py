@@ -295,3 +295,104 @@ def test_windows_per_block_setting():
       resolve_windows_per_block(bad, 64, 96, "cpu")
   with pytest.raises(ValueError, match="windows_per_block"):
     VisionTower(TINY.vision, rngs=nnx.Rngs(0), windows_per_block=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_splash_group_attention_equals_dense(seed, monkeypatch):
+  """Full-attention layers in splash (interpret mode here): a band of G windows when the groups fit (the
+  fewest of G/3, 2G/3, G that holds them), the whole buffer when they do not; real patches equal the dense
+  XLA path."""
+  from vt_jax.model import fast_attention as F
+  rng = np.random.default_rng(seed)
+  grids = [(int(rng.integers(1, 4)) * 2, 2 * int(rng.integers(1, 5)), 2 * int(rng.integers(1, 5)))
+           for _ in range(int(rng.integers(1, 3)))]
+  lay = _layout(grids)
+  lay = _layout(grids, extra_windows=-(lay.capacity // WP) % 8 + 8)  # a multiple of 128 slots, padding windows
+  gid = jnp.asarray(lay.group_ids)[None]
+  longest = max(len(np.unique(lay.window_ids[lay.group_ids == g])) for g in np.unique(lay.group_ids) if g)
+  q, k, v = _qkv(lay.capacity, rng)
+  real = lay.group_ids > 0
+  dense = _dense(q, k, v, gid)[0][real]
+  bands = []
+  real_splash = F.splash_attention
+  monkeypatch.setattr(F, "splash_attention", lambda *a, band=None, **kw: (bands.append(band),
+                                                                         real_splash(*a, band=band, **kw))[1])
+  for g, fits in ((longest + 1, True), (max(longest - 1, 1), longest == 1)):
+    bands.clear()
+    out = A.splash_group_attention(q, k, v, gid, window_patches=WP, max_group_windows=g)
+    diff = float(jnp.abs(out[0][real] - dense).max())
+    assert diff < 1e-5, (grids, g, diff)
+    # Every branch is traced (lax.switch); the one that ran is checked by value above. Bands are g' windows.
+    sizes = A.blockwise_sizes(g) if g < lay.capacity // WP else ()
+    assert sorted(b for b in bands if b is not None) == sorted(s * WP - 1 for s in sizes)
+    assert bool(A.group_window_plan(gid, window_patches=WP, max_group_windows=g)[1]) == fits
+
+
+@pytest.mark.parametrize("max_group_windows", [4, 2])  # G=2: the groups do not fit, the whole-buffer kernel
+def test_vision_layers_in_the_splash_kernel_equal_the_xla_path(models, max_group_windows):
+  """Window blocks of 128 slots (8 tiny windows) and the full-attention layers through Pallas splash
+  (interpret mode here), window / group ids as segment ids: the tower equals transformers and the XLA path,
+  values and parameter gradients."""
+  from vt_jax.model import vision as V
+  hf, ours = models
+  grids = GRIDS
+  px = pixels(grids, np.random.default_rng(11))
+  with torch.no_grad():
+    theirs = hf.model.visual(torch.as_tensor(px), grid_thw=torch.tensor(grids)).pooler_output.numpy()
+  lay = _layout(grids, extra_windows=7)  # 32 windows: 4 blocks of 8
+  assert V.resolve_windows_per_block(8, WP, lay.capacity // WP) == 8
+  assert V.window_attention_impl("splash", 8 * WP) == "splash"
+  inputs = (jnp.asarray(VL.gather_patches(px, lay))[None], jnp.asarray(lay.pos_hw)[None],
+            jnp.asarray(lay.window_ids)[None], jnp.asarray(lay.group_ids)[None])
+  index = np.concatenate(lay.merged_index)
+  saved = ours.visual.windows_per_block, ours.visual.blocks.attention_impl, ours.visual.max_group_windows
+  ours.visual.max_group_windows = max_group_windows
+  calls = []
+  real_splash = V.fast_attention
+
+  def spy(*args, impl, **kwargs):
+    calls.append(impl)
+    return real_splash(*args, impl=impl, **kwargs)
+
+  def run(impl):
+    ours.visual.windows_per_block, ours.visual.blocks.attention_impl = 8, impl
+    graphdef, state = nnx.split(ours.visual)
+
+    def loss(state):
+      out = nnx.merge(graphdef, state)(*inputs)[0]
+      return jnp.sum(jnp.sin(out[index])), out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(state)
+    return np.asarray(out), grads
+
+  try:
+    V.fast_attention = spy
+    kernel, grads = run("splash")
+    assert set(calls) == {"splash"}
+    calls.clear()
+    xla, grads_xla = run("xla")
+    assert set(calls) == {"xla"}
+  finally:
+    V.fast_attention = real_splash
+    ours.visual.windows_per_block, ours.visual.blocks.attention_impl, ours.visual.max_group_windows = saved
+  diff_hf = float(np.abs(kernel[index] - theirs).max())
+  print(f"\n[splash, G={max_group_windows}] vs transformers {diff_hf:.3g}")
+  assert diff_hf <= 1e-4
+  np.testing.assert_allclose(kernel[index], xla[index], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_impl_of_the_vision_layers():
+  from vt_jax.model.vision import group_attention_impl, window_attention_impl
+  assert window_attention_impl("splash", 128) == "splash"
+  assert window_attention_impl("splash", 256) == "splash"
+  assert window_attention_impl("splash", 64) == "xla"  # would pad every tile
+  for setting in ("auto", "blocked", "cudnn", "xla"):  # windows stay on XLA unless splash is asked for
+    assert window_attention_impl(setting, 128) == "xla"
+  assert group_attention_impl("auto", 6144, "tpu") == "splash"
+  assert group_attention_impl("splash", 512, "cpu") == "splash"
+  assert group_attention_impl("auto", 6144, "cpu") == "xla"
+  assert group_attention_impl("auto", 6144, "gpu") == "xla"
+  assert group_attention_impl("auto", 6100, "tpu") == "xla"
+  assert group_attention_impl("xla", 6144, "tpu") == "xla"

@@ -130,6 +130,12 @@ def test_splash_attention_step_compiles_in_the_dry_run():
   assert report.kernel_seconds == pytest.approx(attn_flops / 4 / 459e12)
   assert report.step_seconds > report.kernel_seconds
   assert "Pallas" in dr.format_report(report)
+  # Timed by the FLOPs the kernels execute where the caller gives them (backward recomputation, padding).
+  executed = dr.dry_run(step, args, topology="v5p:2x2x1", mesh_shape={"fsdp": 2, "tensor": 2},
+                        flops_split={"attention": attn_flops}, kernel_flops={"attention": 1.5 * attn_flops})
+  assert executed.kernel_seconds == pytest.approx(1.5 * report.kernel_seconds)
+  assert executed.mfu < report.mfu
+  assert "attention 1.50x analytic" in dr.format_report(executed)
 
 
 def scanned_layers(ws, x):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -39,6 +40,57 @@ def test_flops_split_adds_up_to_the_trainer_count():
                          decode_keys=100)
   t = mc.text
   assert dec["attention"] == pytest.approx(t.num_hidden_layers * 4 * t.num_attention_heads * t.head_dim * 4 * 100)
+
+
+def test_vision_kernel_flops():
+  """With the vision tower's attention in Pallas kernels (TPU) it gets entries of its own (same total), and
+  the kernels are timed by what they execute: window blocks of 128 slots, full-attention tiles within the
+  band of the planned video's groups, head_dim padded to 128 lanes; in training the forward twice (the
+  tower rematerialises attention) plus a 2.5-forward backward."""
+  from vt_jax.configs import sft
+  from vt_jax.model import sharding
+  from vt_jax.train import dry_run
+  cfg = sft.get_config()
+  mc = model_config.get_config("7b")
+  v = mc.vision
+  window, group = plan.vision_ids(cfg, mc)
+  cpu = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  assert plan.vision_kernel_flops(cfg, mc, cpu, group) == {}  # XLA attention off TPU
+  pytest.importorskip("libtpu")
+  tpu = dry_run.make_dry_run_mesh("v5e-8", {"data": 1, "fsdp": -1, "tensor": 1})
+  per_pair = 4 * v.num_heads * 128  # scores + values, 16 heads of 80 padded to 128
+  # 8 groups of 8 whole windows (16 x 32 patches): the 2G/3 = 8-window band (511 slots) over 512-slot tiles
+  # reaches the tile either side: 12 + 2 * 11 tile pairs. "auto" keeps the window layers on XLA.
+  assert plan.vision_kernel_flops(cfg, mc, tpu, group) == {"vision group attention": per_pair * 4 * 34 * 512 * 512}
+  cfg.model.attention = "xla"
+  assert plan.vision_kernel_flops(cfg, mc, tpu, group) == {}
+  cfg.model.attention = "splash"
+  forward = plan.vision_kernel_flops(cfg, mc, tpu, group)
+  assert forward["vision window attention"] == per_pair * 28 * 6144 * 128  # 28 window layers, 48 blocks of 128
+  assert forward["vision group attention"] == per_pair * 4 * 34 * 512 * 512
+  cfg.model.attention = "auto"
+
+  seg = np.ones((2, 64), np.int32)
+  rows = lambda a: np.tile(a, (2, 1))
+  base = plan.flops_split(mc, seg, rows(window), rows(group), text_passes=3, vision_passes=3)
+  split = plan.flops_split(mc, seg, rows(window), rows(group), text_passes=3, vision_passes=3,
+                           vision_kernels=tuple(forward))
+  assert sum(split.values()) == pytest.approx(sum(base.values()), rel=1e-12)
+  # 4,096 real patches: 64 full windows of 64 (28 layers), 8 groups of 512 (4 layers); 3 passes, 2 rows.
+  assert split["vision window attention"] == pytest.approx(2 * 3 * 4 * v.hidden_size * 28 * 64 * 64 ** 2)
+  assert split["vision group attention"] == pytest.approx(2 * 3 * 4 * v.hidden_size * 4 * 8 * 512 ** 2)
+  cfg.model.remat = "full"
+  kernels = plan.kernel_flops(cfg, split, forward, 2, training=True)
+  assert kernels["vision window attention"] == pytest.approx(2 * forward["vision window attention"] * 4.5)
+  assert kernels["vision group attention"] == pytest.approx(2 * forward["vision group attention"] * 4.5)
+  assert kernels["attention"] == pytest.approx(split["attention"] * 4.5 / 3)
+  frozen = plan.kernel_flops(cfg, split, forward, 2, training=True, vision_training=False)
+  assert frozen["vision group attention"] == pytest.approx(2 * forward["vision group attention"])
+  assert frozen["attention"] == kernels["attention"]
+  cfg.model.remat = "none"
+  assert plan.kernel_flops(cfg, split, forward, 2, training=True)["attention"] == pytest.approx(
+      split["attention"] * 3.5 / 3)
+  assert plan.kernel_flops(cfg, split, forward, 2, training=False)["attention"] == split["attention"]
 
 
 def test_video_grid_of_the_7b_recipe():

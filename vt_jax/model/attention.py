@@ -252,6 +252,43 @@ def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Arr
   return jax.lax.switch(branch, [blockwise(g) for g in sizes] + [dense], q, k, v)
 
 
+def splash_group_attention(q: jax.Array, k: jax.Array, v: jax.Array, group_ids: jax.Array, *, window_patches: int,
+                           max_group_windows: int | None, plan=None) -> jax.Array:
+  """`group_attention` in the Pallas splash kernel (TPU): group ids as segment ids over the whole buffer,
+  with a static band when the groups are short enough that the kernel can skip tiles.
+
+  A group of at most g contiguous windows spans at most g * wp slots, so its patches are within
+  g * wp - 1 slots of each other: a band of that half-width plus the group-id mask is exact. As in
+  `group_attention`, the band is for the fewest of `blockwise_sizes(G)` windows that hold the buffer's
+  longest group, picked on device (`lax.switch`); a buffer whose groups do not fit (`group_window_plan`)
+  gets the whole-buffer kernel. Real patches get exactly the XLA path's result; padding (group 0) attends
+  only the padding within the band (the XLA path: all of it), which no real patch ever reads.
+
+  Args:
+    q, k, v: `[B, P, H, D]`; group_ids: `[B, P]` (0 = padding); P a multiple of 128.
+    plan: `group_window_plan(group_ids, ...)` when the caller computed it once for several layers.
+
+  Returns:
+    `[B, P, H, D]`.
+  """
+  from vt_jax.model.fast_attention import splash_attention  # pylint: disable=g-import-not-at-top
+  n = q.shape[1] // window_patches
+  # Group ids are an operand of the switch, not a closure: splash builds its mask metadata in each branch.
+  whole = lambda q, k, v, ids: splash_attention(q, k, v, ids, ids, causal=False)
+  if max_group_windows is None or max_group_windows >= n:
+    return whole(q, k, v, group_ids)
+  if plan is None:
+    plan = group_window_plan(group_ids, window_patches=window_patches, max_group_windows=max_group_windows)
+  _, fits, span = plan
+
+  def banded(g):
+    return lambda q, k, v, ids: splash_attention(q, k, v, ids, ids, causal=False, band=g * window_patches - 1)
+
+  branch = group_attention_branch(fits, span, max_group_windows)
+  return jax.lax.switch(branch, [banded(g) for g in blockwise_sizes(max_group_windows)] + [whole], q, k, v,
+                        group_ids)
+
+
 def group_attention_branch(fits: jax.Array, span: jax.Array, max_group_windows: int) -> jax.Array:
   """`group_attention`'s branch: i for `blockwise_sizes(G)[i]`, the fewest key windows >= span, when the
   buffer fits; `len(blockwise_sizes(G))` (the dense fallback) when it does not."""

@@ -136,8 +136,9 @@ def splash_block_size(seq_len: int) -> int:
   raise ValueError(f"sequence length {seq_len} is not a multiple of {TPU_LANES}")
 
 
-def _splash_kernel(seq_len: int, heads: int, causal: bool, block: int, interpret: bool):
-  """The splash kernel for `heads` local heads of length seq_len.
+def _splash_kernel(seq_len: int, heads: int, causal: bool, block: int, interpret: bool, band: int | None = None):
+  """The splash kernel for `heads` local heads of length seq_len; `band`: keys within `band` slots of the
+  query either side only (a static mask: the kernel skips the tiles outside it).
 
   Built at trace time on every call (not cached): its mask metadata becomes arrays of the
   trace it is built in. The block-mask analysis is numpy over (seq/block)^2 tiles: cheap.
@@ -145,7 +146,12 @@ def _splash_kernel(seq_len: int, heads: int, causal: bool, block: int, interpret
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   shape = (seq_len, seq_len)
-  head_mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+  if band is not None:
+    if causal:
+      raise ValueError("band is for bidirectional attention")
+    head_mask = splash.LocalMask(shape, window_size=(band, band), offset=0)
+  else:
+    head_mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
   sizes = splash.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,
       block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -191,29 +197,39 @@ def _mesh_axes(mesh, batch: int, heads: int, batch_axes, head_axis):
   return (tuple(chosen) or None), head, (names[head] if head else 1)
 
 
-def _with_default_precision(call):
-  """`call(q, k, v, q_seg, kv_seg)` traced (forward AND backward) at default precision.
+# Matmul precisions Mosaic accepts for bf16 operands (the kernels' dots take the global default).
+_KERNEL_PRECISIONS = (None, "default", "bfloat16", "fastest", "DEFAULT", "BFLOAT16", "FASTEST")
 
-  Mosaic rejects an fp32 contract precision on bf16 operands, which a global
-  `jax_default_matmul_precision="highest"` would request; for half-precision inputs the
-  products are exact in the fp32 accumulator anyway. The kernel's backward is traced
-  when the step is differentiated, outside any context set here, hence the custom_vjp
-  that re-enters the context for it.
+
+def _with_default_precision(make_call):
+  """`make_call()(q, k, v, q_seg, kv_seg)` traced (forward AND backward) at default precision, when a global
+  `jax_default_matmul_precision` asks for more (the tests set "highest"); `make_call()` itself otherwise.
+
+  Mosaic rejects an fp32 contract precision on bf16 operands; for half-precision inputs the products are
+  exact in the fp32 accumulator anyway. The kernel's backward is traced when the step is differentiated,
+  outside any context set here, hence the custom_vjp that re-enters the context for it. Its backward runs
+  the kernel's forward again, built anew in the backward's trace (a pullback or kernel kept from the
+  forward would carry tracers of the forward's trace, which breaks inside `lax.switch` / `lax.cond`
+  branches), so it is used only where needed.
   """
+  if jax.config.jax_default_matmul_precision in _KERNEL_PRECISIONS:
+    return make_call()
   precision = functools.partial(jax.default_matmul_precision, "default")
 
   @jax.custom_vjp
   def wrapped(q, k, v, q_seg, kv_seg):
     with precision():
-      return call(q, k, v, q_seg, kv_seg)
+      return make_call()(q, k, v, q_seg, kv_seg)
 
   def forward(q, k, v, q_seg, kv_seg):
     with precision():
-      out, pullback = jax.vjp(lambda a, b, c: call(a, b, c, q_seg, kv_seg), q, k, v)
-    return out, pullback
+      return make_call()(q, k, v, q_seg, kv_seg), (q, k, v, q_seg, kv_seg)
 
-  def backward(pullback, d_out):
+  def backward(inputs, d_out):
+    q, k, v, q_seg, kv_seg = inputs
     with precision():
+      call = make_call()
+      _, pullback = jax.vjp(lambda a, b, c: call(a, b, c, q_seg, kv_seg), q, k, v)
       return (*pullback(d_out), None, None)
 
   wrapped.defvjp(forward, backward)
@@ -222,8 +238,12 @@ def _with_default_precision(call):
 
 def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,
                      scale: float | None = None, interpret: bool | None = None,
-                     batch_axes=BATCH_AXES, head_axis=HEAD_AXIS):
+                     batch_axes=BATCH_AXES, head_axis=HEAD_AXIS, band: int | None = None):
   """Pallas splash attention with segment ids, causal mask and GQA.
+
+  band (bidirectional only): a query also needs the key within `band` slots of it either side -- a static
+  mask, so the kernel skips the tiles outside the band (`attention.group_attention` on TPU: temporal groups
+  that each span at most band + 1 slots).
 
   Shapes as in the module docstring; self-attention only (q_len == kv_len: training and
   prefill; decoding against a cache uses the XLA path). The sequence is zero-padded to a
@@ -267,12 +287,15 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,
 
   def per_device(q, k, v, q_seg, kv_seg):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
-    kernel = _splash_kernel(padded, q.shape[2], causal, block, interpret)
+
+    def make_call():
+      # The kernel holds its mask metadata as arrays of the trace it is built in: built per trace.
+      kernel = _splash_kernel(padded, q.shape[2], causal, block, interpret, band)
+      return jax.vmap(lambda a, b, c, s, t: kernel(a, b, c, splash.SegmentIds(s, t)))
+
     # Kernel layout is [heads, seq, head_dim] per example.
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-    call = jax.vmap(lambda a, b, c, s, t: kernel(a, b, c, splash.SegmentIds(s, t)))
-    if jnp.dtype(q.dtype).itemsize < 4:
-      call = _with_default_precision(call)
+    call = _with_default_precision(make_call) if jnp.dtype(q.dtype).itemsize < 4 else make_call()
     return jnp.swapaxes(call(qt, kt, vt, q_seg, kv_seg), 1, 2)
 
   if mesh.empty:

@@ -12,7 +12,9 @@ temporal-group id (0 = padding). Then:
       scores, linear in P for a fixed frame size; G/3 or 2G/3 windows when the batch's groups are that
       short, picked on device); dense `[P, P]` with a group-id mask when G is None, when
       the buffer has at most G windows, or -- decided on device per batch -- when some group is longer
-      than G windows (e.g. a large image), so the result is always exact,
+      than G windows (e.g. a large image), so the result is always exact. On TPU ("auto") the Pallas
+      splash kernel instead, group ids as segment ids and a static band of the same G/3, 2G/3, G windows
+      (`attention.splash_group_attention`),
   merger: RMSNorm, 4 neighbouring patches -> one vector, Linear -> GELU -> Linear to the text width.
 Blocks are scanned. When the full layers are every k-th block (7, 15, 23, 31: k = 8) the scan runs groups of
 k - 1 window blocks + 1 full block, so no block carries both attention paths; otherwise one scan with a
@@ -32,8 +34,9 @@ from flax import nnx
 
 import math
 
-from vt_jax.model.attention import attention, group_attention, group_window_plan
+from vt_jax.model.attention import group_attention, group_window_plan, splash_group_attention
 from vt_jax.model.config import VisionConfig
+from vt_jax.model.fast_attention import fast_attention
 from vt_jax.model.platform import TPU_LANES, current_platform
 from vt_jax.model.layers import (REMAT_POLICIES, Linear, RMSNorm, apply_rotary, constrain, gated, scan_layers,
                                  stack_layers, vision_cos_sin)
@@ -102,6 +105,33 @@ def resolve_windows_per_block(setting, window_patches: int, num_windows: int, pl
   return math.gcd(int(setting), max(int(num_windows), 1))
 
 
+def window_attention_impl(setting: str, block_patches: int) -> str:
+  """The window layers' attention backend: "splash" when the model's attention setting is "splash" and a
+  window block (`window_patches * windows_per_block` slots) is a whole number of `TPU_LANES`; "xla"
+  otherwise, "auto" on TPU included.
+
+  Splash runs each block as one sequence with the window ids as segment ids: the same masking as the XLA
+  path, padding included, without the `[blocks, heads, wp, wp]` fp32 scores in HBM. But a 128-slot block
+  is a single small tile per head (head_dim 80 padded to 128 lanes), and the 7B SFT step on v5e-256 is
+  estimated slower with it (1,055 vs 1,048 ms, the kernel timed at its executed FLOPs at peak), so "auto"
+  keeps the windows on XLA.
+  """
+  if block_patches % TPU_LANES:
+    return "xla"
+  return "splash" if setting == "splash" else "xla"
+
+
+def group_attention_impl(setting: str, slots: int, platform: str | None = None) -> str:
+  """The full-attention layers' backend: "splash" (`attention.splash_group_attention`) when the model's
+  attention setting is "splash", or "auto" on TPU, and the buffer's `slots` are a whole number of
+  `TPU_LANES`; else "xla" (`attention.group_attention`)."""
+  if slots % TPU_LANES:
+    return "xla"
+  if setting == "splash" or (setting == "auto" and (platform or current_platform()) == "tpu"):
+    return "splash"
+  return "xla"
+
+
 def parse_max_group_windows(value, cfg: VisionConfig) -> int | None:
   """`max_group_windows` setting -> G (int) or None (dense): an int >= 1, None, or the strings "auto"
   (`max_windows_per_group(cfg)`), "none" / "dense", or digits (a config field set on the command line)."""
@@ -129,8 +159,8 @@ class VisionBlock(nnx.Module):
     self.num_heads = h
     self.head_dim = cfg.head_dim
     self.window_patches = cfg.window_patches
-    # The vision tower stays on XLA attention for now: windows are 16-64 patches (below the fast
-    # kernels' tiles) and head_dim 80 is not a lane multiple. `attention_impl` is kept for later backends.
+    # The model's attention setting: window and full-attention layers run splash where
+    # `window_attention_impl` / `group_attention_impl` say so (TPU), XLA elsewhere.
     self.attention_impl = attention_impl
     self.act = cfg.hidden_act
     self.norm1 = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
@@ -156,14 +186,16 @@ class VisionBlock(nnx.Module):
     q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"), rules)
 
     def full(q, k, v):
-      return group_attention(q, k, v, group_ids, window_patches=self.window_patches,
-                             max_group_windows=max_group_windows, plan=plan)
+      attend = splash_group_attention if group_attention_impl(self.attention_impl, p) == "splash" else group_attention
+      return attend(q, k, v, group_ids, window_patches=self.window_patches, max_group_windows=max_group_windows,
+                    plan=plan)
 
     def windowed(q, k, v):
       wp = self.window_patches * windows_per_block
       blocks = lambda t: t.reshape(b * p // wp, wp, *t.shape[2:])
       ids = window_ids.reshape(b * p // wp, wp)
-      out = attention(blocks(q), blocks(k), blocks(v), ids, ids, causal=False, impl="xla")
+      impl = window_attention_impl(self.attention_impl, wp)
+      out = fast_attention(blocks(q), blocks(k), blocks(v), ids, ids, causal=False, impl=impl)
       return out.reshape(b, p, self.num_heads, self.head_dim)
 
     # Attention is rematerialised: the scan stacks a layer's residuals over all layers and lax.cond keeps

@@ -106,6 +106,7 @@ class DryRunReport:
   kernel_efficiency: float
   compile_seconds: float               # of the step itself
   notes: tuple[str, ...] = ()
+  kernel_flops: dict[str, float] = dataclasses.field(default_factory=dict)  # executed, where not the analytic
   # loop_cost="marginal": (label, seconds, compiler FLOPs) per device for each group of scans at
   # its trip count and for everything outside loops; the seconds sum to compiler_seconds.
   breakdown: tuple[tuple[str, float, float], ...] = ()
@@ -124,8 +125,9 @@ class DryRunReport:
 
   @property
   def kernel_seconds(self) -> float:
-    """Time of the FLOPs hidden in Pallas kernels, at kernel_efficiency x peak, per device."""
-    flops = sum(self.flops_split.get(k, 0.0) for k in self.kernel_flops_keys)
+    """Time of the FLOPs hidden in Pallas kernels (those they execute where `kernel_flops` gives them, else
+    the analytic ones), at kernel_efficiency x peak, per device."""
+    flops = sum(self.kernel_flops.get(k, self.flops_split.get(k, 0.0)) for k in self.kernel_flops_keys)
     if not flops or not self.peak_flops_per_device:
       return 0.0
     return flops / self.num_devices / (self.kernel_efficiency * self.peak_flops_per_device)
@@ -341,6 +343,7 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
             hbm_fraction: float = 0.85, name: str | None = None,
             donate_argnums: int | Sequence[int] = (),
             kernel_flops_keys: Sequence[str] | None = None, kernel_efficiency: float = 1.0,
+            kernel_flops: Mapping[str, float] | None = None,
             peak_flops_per_device: float | None = None, loop_cost: str = "auto",
             unroll_limit_s: float = 60.0, scan_names: Mapping[int, str] | None = None,
             check_fit: bool = True) -> DryRunReport:
@@ -356,7 +359,9 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   flops_split: analytic FLOPs per step over all chips, e.g. {'vision tower': ..,
     'LLM': .., 'attention': ..}; MFU uses their sum.
   kernel_flops_keys: flops_split entries computed inside Pallas kernels (invisible to the
-    cost model); None = ('attention',) when the program holds Mosaic kernels.
+    cost model); None = those of KERNEL_KEYS in flops_split when the program holds Mosaic kernels.
+  kernel_flops: FLOPs (all chips) the kernels of those entries execute -- padding, masked tiles,
+    recomputation -- to time them by; an entry without one is timed by its analytic FLOPs.
   loop_cost: how to count scanned (while-loop) work, which XLA's cost model sees once:
     'unroll' compiles the step again with every scan unrolled, for the cost only (exact;
     a 7B step needs more time and RAM than a small machine has); 'marginal' compiles it
@@ -413,7 +418,7 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
 
   split = dict(flops_split or {})
   if kernel_flops_keys is None:
-    kernel_flops_keys = ("attention",) if has_kernels and "attention" in split else ()
+    kernel_flops_keys = tuple(k for k in KERNEL_KEYS if k in split) if has_kernels else ()
   kernel_flops_keys = tuple(kernel_flops_keys)
   missing = [k for k in kernel_flops_keys if k not in split]
   if missing:
@@ -422,9 +427,13 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   if has_kernels and not kernel_flops_keys:
     notes.append("the program runs Pallas kernels whose FLOPs and time the compiler does "
                  "not see; name their analytic FLOPs in kernel_flops_keys")
+  executed = {k: float(v) for k, v in (kernel_flops or {}).items() if k in kernel_flops_keys}
   if kernel_flops_keys:
+    basis = "analytic FLOPs" if not executed else "the FLOPs they execute"
+    detail = ", ".join(f"{k} {v / split[k]:.2f}x analytic" for k, v in executed.items() if split.get(k))
     notes.append(f"FLOPs of {' + '.join(kernel_flops_keys)} run in Pallas kernels the cost model "
-                 f"cannot see: timed from analytic FLOPs at {kernel_efficiency:.0%} of peak")
+                 f"cannot see: timed from {basis} at {kernel_efficiency:.0%} of peak"
+                 + (f" ({detail}: backward and remat recomputation, padded tiles)" if detail else ""))
 
   report = DryRunReport(
       name=name, target=target, platform=platform, device_kind=kind,
@@ -433,7 +442,7 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
       peak_flops_per_device=peak_flops_per_device, compiler_flops=compiler_flops,
       compiler_seconds=compiler_seconds, while_loops=while_loops, loop_scale=1.0,
       cost_source="the compiled step", flops_split=split, kernel_flops_keys=kernel_flops_keys,
-      kernel_efficiency=kernel_efficiency, compile_seconds=compile_seconds)
+      kernel_efficiency=kernel_efficiency, kernel_flops=executed, compile_seconds=compile_seconds)
   if check_fit and report.fits is False:
     raise DoesNotFit(_not_fit_message(report), report)
 
@@ -499,6 +508,10 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
     notes.append("'optimal_seconds' is the compiler's roofline estimate: MFU is an upper bound")
   return dataclasses.replace(report, notes=tuple(notes))
 
+
+# flops_split entries that run in Pallas kernels when the program holds any: the decoder's splash attention
+# and the vision tower's window and full-attention layers' (plan.flops_split).
+KERNEL_KEYS = ("attention", "vision window attention", "vision group attention")
 
 LOOP_COSTS = ("auto", "unroll", "marginal", "scale", "once")
 
@@ -739,16 +752,17 @@ def format_report(report: DryRunReport) -> str:
   else:
     lines.append("  (no HBM figure for this device: fit not checked)")
 
-  lines += ["", f"  {'FLOPs per step':<28}{'TFLOP':>12}{'per device':>12}{'share':>8}"]
+  names = {key: key + (" (Pallas)" if key in r.kernel_flops_keys else "") for key in r.flops_split}
+  w = max([28] + [len(n) + 1 for n in names.values()])
+  lines += ["", f"  {'FLOPs per step':<{w}}{'TFLOP':>12}{'per device':>12}{'share':>8}"]
   total = r.analytic_flops
   for key, flops in r.flops_split.items():
-    tag = " (Pallas)" if key in r.kernel_flops_keys else ""
-    lines.append(f"  {key + tag:<28}{_tflop(flops):>12}{_tflop(flops / r.num_devices):>12}"
+    lines.append(f"  {names[key]:<{w}}{_tflop(flops):>12}{_tflop(flops / r.num_devices):>12}"
                  f"{flops / total:>8.1%}")
   if total is not None:
-    lines.append(f"  {'total (analytic)':<28}{_tflop(total):>12}{_tflop(total / r.num_devices):>12}")
+    lines.append(f"  {'total (analytic)':<{w}}{_tflop(total):>12}{_tflop(total / r.num_devices):>12}")
   if r.compiler_flops is not None:
-    lines.append(f"  {'compiler cost model':<28}{_tflop(r.compiler_flops * r.num_devices):>12}"
+    lines.append(f"  {'compiler cost model':<{w}}{_tflop(r.compiler_flops * r.num_devices):>12}"
                  f"{_tflop(r.compiler_flops):>12}   from {r.cost_source}")
 
   lines.append("")

@@ -88,6 +88,43 @@ def vision_forward_flops(vision, window_ids: np.ndarray, group_ids: np.ndarray) 
   return float(2 * patch_dim * dv * patches + vision.depth * per_patch_block * patches + attention + merger)
 
 
+def vision_window_attention_flops(vision, window_ids: np.ndarray) -> float:
+  """Forward FLOPs of the window layers' attention (scores + weighted values) over real patches: the
+  window part of `vision_forward_flops`' attention term."""
+  n_window = vision.depth - len(vision.fullatt_block_indexes)
+  return float(2 * 2 * vision.hidden_size * n_window * _full_pairs(window_ids))
+
+
+def vision_group_attention_flops(vision, group_ids: np.ndarray) -> float:
+  """Forward FLOPs of the full-attention layers' attention over real patches (the group part of
+  `vision_forward_flops`' attention term)."""
+  return float(2 * 2 * vision.hidden_size * len(vision.fullatt_block_indexes) * _full_pairs(group_ids))
+
+
+def _padded_head_flops(vision, pairs: float, layers: int, lanes: int) -> float:
+  # Scores and weighted values over `pairs` (query, key) slots per layer, head_dim padded to whole lanes.
+  head_dim = -(-vision.head_dim // lanes) * lanes
+  return float(2 * 2 * vision.num_heads * head_dim * layers * pairs)
+
+
+def window_kernel_forward_flops(vision, slots: int, block_patches: int, lanes: int = 128) -> float:
+  """Forward FLOPs the Pallas window kernel executes over `slots` patch slots (one row) in blocks of
+  `block_patches`: every block scores all its slots against each other, padding and other windows
+  included, with head_dim padded to whole `lanes` (80 -> 128 for the released towers)."""
+  layers = vision.depth - len(vision.fullatt_block_indexes)
+  return _padded_head_flops(vision, slots * block_patches, layers, lanes)
+
+
+def group_kernel_forward_flops(vision, slots: int, tile: int, band: int | None, lanes: int = 128) -> float:
+  """Forward FLOPs the Pallas full-attention kernel executes over `slots` (one row) in `tile` x `tile`
+  tiles: every tile within `band` slots of the diagonal (None: all of them), whole."""
+  tiles = slots // tile
+  first = np.arange(tiles) * tile
+  gap = np.maximum(first[None, :] - (first[:, None] + tile - 1), first[:, None] - (first[None, :] + tile - 1))
+  pairs = tiles * tiles if band is None else int(np.count_nonzero(gap <= band))
+  return _padded_head_flops(vision, pairs * tile * tile, len(vision.fullatt_block_indexes), lanes)
+
+
 def train_step_flops(config, batch: Mapping[str, np.ndarray], *, vision_trained: bool = True) -> float:
   """FLOPs of one optimiser step over `batch` (the global batch, all microbatches).
 

@@ -26,6 +26,7 @@ most data.max_pixels): an upper bound of what packed data does, and what MFU is 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
 import sys
@@ -58,6 +59,7 @@ class PlannedStep:
   scan_names: dict[int, str] = dataclasses.field(default_factory=dict)  # trip count -> label (breakdown)
   mesh: Mesh | None = None  # compile under this mesh (e.g. GRPO's rollout mesh); None = the plan's mesh
   notes: tuple[str, ...] = ()  # added to the report's notes
+  kernel_flops: dict[str, float] = dataclasses.field(default_factory=dict)  # FLOPs Pallas kernels execute
 
 
 # ---- abstract state ---------------------------------------------------------------------------------------
@@ -185,18 +187,26 @@ def _attention_flops(text, keys: float) -> float:
 
 def flops_split(model_cfg, segment_ids: np.ndarray | None, window_ids: np.ndarray | None,
                 group_ids: np.ndarray | None, *, text_passes: float, vision_passes: float,
-                decode_keys: int | None = None) -> dict[str, float]:
-  """Analytic FLOPs {vision tower, LLM, attention} of one step (all chips).
+                decode_keys: int | None = None, vision_kernels=()) -> dict[str, float]:
+  """Analytic FLOPs {vision tower, vision window attention, vision group attention, LLM, attention} of one
+  step (all chips).
 
   segment_ids [B, L] (0 = padding): text rows, causal within segments; with `decode_keys`, each of the B*L
   tokens instead attends `decode_keys` cache slots (a decode step). window_ids / group_ids [B, P]: patches.
   text_passes / vision_passes: 3 for forward + backward, 1 for forward only, 0 to leave out.
-  "attention" is the text decoder's attention (the splash kernel on TPU); the vision tower's blockwise
-  attention is part of "vision tower".
+  "attention" is the text decoder's attention (the splash kernel on TPU). The vision tower's attention is
+  part of "vision tower", except the entries named in `vision_kernels` ("vision window attention",
+  "vision group attention": the window / full-attention layers' attention, when it runs in a Pallas kernel).
   """
-  split = {"vision tower": 0.0, "LLM": 0.0, "attention": 0.0}
+  split = {"vision tower": 0.0, "vision window attention": 0.0, "vision group attention": 0.0, "LLM": 0.0,
+           "attention": 0.0}
   if window_ids is not None and vision_passes:
     split["vision tower"] = vision_passes * flops_lib.vision_forward_flops(model_cfg.vision, window_ids, group_ids)
+    parts = {"vision window attention": lambda: flops_lib.vision_window_attention_flops(model_cfg.vision, window_ids),
+             "vision group attention": lambda: flops_lib.vision_group_attention_flops(model_cfg.vision, group_ids)}
+    for key in vision_kernels:
+      split[key] = vision_passes * parts[key]()
+      split["vision tower"] -= split[key]
   if segment_ids is not None and text_passes:
     text = model_cfg.text
     total = flops_lib.text_forward_flops(text, segment_ids)
@@ -210,6 +220,64 @@ def flops_split(model_cfg, segment_ids: np.ndarray | None, window_ids: np.ndarra
     split["LLM"] = text_passes * total
     split["attention"] = text_passes * _attention_flops(text, keys)
   return {k: v for k, v in split.items() if v}
+
+
+# A flash-style kernel's backward recomputes the scores: ~2.5 forwards (dq and dk/dv passes), against the 2 of
+# the analytic fwd x 3 convention; under remat the forward also runs again.
+KERNEL_BACKWARD_PASSES = 2.5
+
+
+def vision_kernel_flops(config, model_cfg, mesh: Mesh, group_ids: np.ndarray) -> dict[str, float]:
+  """Forward FLOPs per row that the vision tower's Pallas kernels execute on `mesh`, by flops_split entry:
+  {} where its attention runs on XLA (`vision.window_attention_impl` / `group_attention_impl` for the model's
+  attention setting on the mesh's platform). group_ids `[P]`: the planned row, which decides the
+  full-attention layers' band (as `attention.splash_group_attention` picks it on device)."""
+  from vt_jax.model import vision as V  # pylint: disable=g-import-not-at-top
+  from vt_jax.model.fast_attention import splash_block_size  # pylint: disable=g-import-not-at-top
+  A = importlib.import_module("vt_jax.model.attention")  # the package re-exports a function of this name
+  v = model_cfg.vision
+  platform = mesh.devices.flat[0].platform
+  setting = str(config.model.attention)
+  slots = int(config.data.vision_capacity)
+  windows = slots // v.window_patches
+  out = {}
+  per_block = V.resolve_windows_per_block(config.model.get("windows_per_block", "auto"), v.window_patches, windows,
+                                          platform)
+  block = v.window_patches * per_block
+  if V.window_attention_impl(setting, block) == "splash":
+    out["vision window attention"] = flops_lib.window_kernel_forward_flops(v, slots, block)
+  if V.group_attention_impl(setting, slots, platform) == "splash":
+    g = V.parse_max_group_windows(config.model.get("max_group_windows", "auto"), v)
+    band = None
+    if g is not None and g < windows:
+      _, fits, span = A.group_window_plan(jnp.asarray(group_ids)[None], window_patches=v.window_patches,
+                                          max_group_windows=g)
+      sizes = A.blockwise_sizes(g)
+      branch = int(A.group_attention_branch(fits, span, g))
+      band = sizes[branch] * v.window_patches - 1 if branch < len(sizes) else None
+    out["vision group attention"] = flops_lib.group_kernel_forward_flops(v, slots, splash_block_size(slots), band)
+  return out
+
+
+def kernel_flops(config, split: Mapping[str, float], vision_forward: Mapping[str, float], rows: int, *,
+                 training: bool, vision_training: bool | None = None) -> dict[str, float]:
+  """FLOPs (all rows) the Pallas kernels of a step execute, for their time in the dry run, by flops_split entry.
+
+  "attention" (decoder splash, causal tiles skipped): the analytic count with the backward at
+  KERNEL_BACKWARD_PASSES forwards and the forward again under remat (the kernel's output is not a dot, so
+  no remat policy keeps it). Vision entries: `vision_forward` (per row, `vision_kernel_flops`), in training
+  the forward twice (the tower always rematerialises its attention) plus the backward; forward once when
+  the step runs no backward through the tower (`vision_training` False; default: `training`).
+  """
+  vision_training = training if vision_training is None else vision_training
+  out = {}
+  remat = str(config.model.get("remat", "none")) != "none"
+  if split.get("attention"):
+    out["attention"] = split["attention"] * ((1 + KERNEL_BACKWARD_PASSES + remat) / 3 if training else 1.0)
+  for key, forward in vision_forward.items():
+    if split.get(key):
+      out[key] = rows * forward * ((2 + KERNEL_BACKWARD_PASSES) if vision_training else 1.0)
+  return out
 
 
 def scan_names(config, model_cfg, microbatches: int = 1, chunks: int | None = None) -> dict[int, str]:
@@ -265,12 +333,17 @@ def plan_sft(config, mesh: Mesh) -> list[PlannedStep]:
   jitted = trainer.jit_train_step(step, _shardings(state), _shardings(batch), mesh)
   window, group = vision_ids(config, mc)
   freeze = dict(config.freeze)
+  vision_kernels = vision_kernel_flops(config, mc, mesh, group)
+  vision_trained = not (freeze.get("vision") and freeze.get("merger"))
   split = flops_split(mc, np.ones((rows, length), np.int32), np.tile(window, (rows, 1)),
-                      np.tile(group, (rows, 1)), text_passes=3,
-                      vision_passes=1 if freeze.get("vision") and freeze.get("merger") else 3)
+                      np.tile(group, (rows, 1)), text_passes=3, vision_passes=3 if vision_trained else 1,
+                      vision_kernels=tuple(vision_kernels))
   chunk = int(config.train.get("logprob_chunk", 0) or 0)
   chunks = -(-length // chunk) if chunk else None
-  return [PlannedStep("sft_step", jitted, (state, batch), split, scan_names(config, mc, micro, chunks))]
+  # A frozen tower runs forward only (no backward, no recomputation).
+  kernels = kernel_flops(config, split, vision_kernels, rows, training=True, vision_training=vision_trained)
+  return [PlannedStep("sft_step", jitted, (state, batch), split, scan_names(config, mc, micro, chunks),
+                      kernel_flops=kernels)]
 
 
 # ---- GRPO -------------------------------------------------------------------------------------------------
@@ -345,13 +418,16 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
     return sampler._repeat_rows(  # pylint: disable=protected-access
         sampler._prefill(model, arrays, new, cache_dtype), group, model.rules)  # pylint: disable=protected-access
 
+  sample_kernels = vision_kernel_flops(config, mc, sample_mesh, group_ids)
+  prefill_split = flops_split(mc, np.ones((n_prompts, prompt_len), np.int32), np.tile(window, (n_prompts, 1)),
+                              np.tile(group_ids, (n_prompts, 1)), text_passes=1, vision_passes=1,
+                              vision_kernels=tuple(sample_kernels))
   steps.append(PlannedStep(
       "grpo_rollout_prefill", jax.jit(prefill, in_shardings=(state_sh, ref_sh, _shardings(policy),
                                                              _shardings(prompts)), keep_unused=True),
       (state, ref, policy, prompts),
-      flops_split(mc, np.ones((n_prompts, prompt_len), np.int32), np.tile(window, (n_prompts, 1)),
-                  np.tile(group_ids, (n_prompts, 1)), text_passes=1, vision_passes=1),
-      scan_names(config, mc), mesh=sample_mesh))
+      prefill_split, scan_names(config, mc), mesh=sample_mesh,
+      kernel_flops=kernel_flops(config, prefill_split, sample_kernels, n_prompts, training=False)))
 
   # One decode step of the sampler's loop over the B*G rows against the L + T cache.
   cache_abs = jax.eval_shape(
@@ -397,6 +473,7 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
   if ref is not None:
     rshapes["ref_logp"] = ((rows, new), jnp.float32)
   full = np.ones((rows, length), np.int32)
+  vision_kernels = {} if task.vision_frozen else vision_kernel_flops(config, mc, mesh, group_ids)
 
   def _tile_vision(n):
     # Frozen towers: the rows carry the rollout's embeddings and no pass runs the vision tower.
@@ -417,12 +494,13 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
       return grpo.completion_logprobs(model, batch, chunk_size=task.chunk_size,
                                       temperature=s.sampling.temperature)
 
+    lp_split = flops_split(mc, np.ones((lp_rows, length), np.int32), *_tile_vision(lp_rows), text_passes=1,
+                           vision_passes=1, vision_kernels=tuple(vision_kernels))
     steps.append(PlannedStep(
         "grpo_reference_logprobs",
         jax.jit(reference_logprobs, in_shardings=(state_sh, ref_sh, _shardings(lp_batch)), keep_unused=True),
-        (state, ref, lp_batch),
-        flops_split(mc, np.ones((lp_rows, length), np.int32), *_tile_vision(lp_rows),
-                    text_passes=1, vision_passes=1), names))
+        (state, ref, lp_batch), lp_split, names,
+        kernel_flops=kernel_flops(config, lp_split, vision_kernels, lp_rows, training=False)))
 
   batch = abstract_batch(rshapes, mesh, rows)
   update = _train_step(task, graphdef, tx, schedule, state, micro)
@@ -431,13 +509,14 @@ def plan_grpo(config, mesh: Mesh) -> list[PlannedStep]:
     del ref_params  # resident, not read
     return update(state, batch)
 
+  update_split = flops_split(mc, full, *_tile_vision(rows), text_passes=3,
+                             vision_passes=0 if task.vision_frozen else 3, vision_kernels=tuple(vision_kernels))
   steps.append(PlannedStep(
       "grpo_update_step",
       jax.jit(update_step, in_shardings=(state_sh, _shardings(batch), ref_sh),
               out_shardings=(state_sh, replicated), donate_argnums=(0,), keep_unused=True),
-      (state, batch, ref),
-      flops_split(mc, full, *_tile_vision(rows), text_passes=3, vision_passes=0 if task.vision_frozen else 3),
-      scan_names(config, mc, micro, chunks)))
+      (state, batch, ref), update_split, scan_names(config, mc, micro, chunks),
+      kernel_flops=kernel_flops(config, update_split, vision_kernels, rows, training=True)))
   return steps
 
 
@@ -477,7 +556,8 @@ def run_plan(config, topology: str | None = None, *, loop_cost: str = "auto", ou
   reports = []
   for step in steps:
     report = dr.dry_run(step.fn, step.args, mesh=step.mesh or mesh, topology=topology, flops_split=step.flops_split,
-                        name=step.name, loop_cost=loop_cost, scan_names=step.scan_names)
+                        name=step.name, loop_cost=loop_cost, scan_names=step.scan_names,
+                        kernel_flops=step.kernel_flops)
     if step.notes:
       report = dataclasses.replace(report, notes=report.notes + tuple(step.notes))
     print(dr.format_report(report) + "\n", file=out, flush=True)
