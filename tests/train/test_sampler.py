@@ -328,3 +328,27 @@ def test_sharded_sampler_equals_single_device():
     got = SM.sample(sharded, batch, key=jax.random.key(2), config=config, group_size=2)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_sample_and_stream_decode_with_the_models_head(tie, monkeypatch):
+  """`sample` and `stream` hand the decode loop `model.decode_head()` (on CPU for a tied fp32 table: the
+  `[D, V]` copy XLA:CPU reads faster; else None); the loop's results do not show it, so the calls are
+  checked."""
+  import dataclasses
+  config = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, tie_word_embeddings=tie))
+  model = Qwen25VL(config, rngs=nnx.Rngs(3), dtype=jnp.float32)
+  heads = []
+  for name in ("_sample_jit", "_step_jit"):
+    real = getattr(SM, name)
+    monkeypatch.setattr(SM, name, lambda *a, real=real, **kw: (heads.append(a[-1]), real(*a, **kw))[1])
+  batch = make_prompts(4)
+  sampling = SM.SamplingConfig(temperature=0.0, max_new_tokens=2, eos_ids=(999,), pad_id=990)
+  SM.sample(model, batch, key=jax.random.key(0), config=sampling)
+  list(SM.stream(model, batch, key=jax.random.key(0), config=sampling))
+  assert len(heads) == 3  # one sample call, two stream steps
+  for head in heads:
+    if tie:
+      np.testing.assert_array_equal(np.asarray(head), np.asarray(model.text.embed_tokens[...]).T)
+    else:
+      assert head is None
