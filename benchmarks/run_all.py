@@ -208,8 +208,13 @@ def summary(parts: dict, dry: dict | None, args) -> list[str]:
       rows.append((f"5b. vision tower growth, {vr[0]['frames']} -> {vr[-1]['frames']} frames (blockwise / dense)",
                    f"{vr[-1]['vt_jax blockwise_growth']}x / {vr[-1]['vt_jax dense_growth']}x",
                    f"{vr[-1]['transformers_growth']}x", "", f"~{vr[-1]['frames'] // vr[0]['frames']}x (linear)", None))
+  command = f"`python benchmarks/run_all.py {' '.join(sys.argv[1:])}`"
+  rerun = any("reused" not in p for p in parts.values()) or (dry is not None and "reused" not in dry)
+  # A summary regenerated from earlier results ran nothing itself: the parts below name their sources.
+  command = (f"Command: {command}." if rerun else
+             f"Summary regenerated with {command} from earlier runs' results (each part names its source).")
   lines = ["# vt_jax vs transformers: side-by-side benchmarks (`benchmarks/run_all.py`)", "",
-           f"Command: `python benchmarks/run_all.py {' '.join(sys.argv[1:])}`. Machine: {platform.processor() or platform.machine()}, "
+           f"{command} Machine: {platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} cores (shared with other jobs), Python {platform.python_version()}; threads per side: "
            f"{args.threads or 'all cores'} (torch.set_num_threads and XLA's pool via CPU affinity).", "",
            "| benchmark | vt_jax | reference | ratio | target | met |", "|---|---|---|---|---|---|"]
