@@ -138,6 +138,24 @@ def test_splash_attention_step_compiles_in_the_dry_run():
   assert "attention 1.50x analytic" in dr.format_report(executed)
 
 
+def test_costs_come_from_a_compile_without_windowed_einsum():
+  """XLA may run FSDP matmuls as windowed-einsum loops (collective matmul) whose bodies its cost model counts
+  once; the dry run then recompiles for costs with libtpu's options that turn them off. The detector finds
+  such loops in compiled HLO, and libtpu takes the options (it refuses unknown ones)."""
+  hlo = ("  %while.3 = (s32[], bf16[8]) while(%tuple.1), condition=%wide.windowed_dot_general_cond_ag, "
+         "body=%wide.windowed_dot_general_body_ag.clone.sunk\n"
+         "  %while.4 = (s32[]) while(%tuple.2), condition=%region_1.7, body=%wide.region_0.5_spmd.sunk\n")
+  assert dr._windowed_einsum_loops(hlo) == 1
+  mesh = dr.make_dry_run_mesh("v5p:2x2x1", {"fsdp": 4})
+  w = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+  x = jax.ShapeDtypeStruct((8, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+  step = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.square((x @ w).astype(jnp.float32)))))
+  compiled = dr._compile(step, (w, x), mesh, "mlp", "v5p:2x2x1", dr.NO_WINDOWED_EINSUM)
+  assert dr._windowed_einsum_loops(compiled.as_text()) == 0
+  with pytest.raises(Exception, match="No such compile option"):
+    dr._compile(step, (w, x), mesh, "mlp", "v5p:2x2x1", {"xla_tpu_no_such_option": False})
+
+
 def scanned_layers(ws, x):
   return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
 
