@@ -242,7 +242,7 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,
   """Pallas splash attention with segment ids, causal mask and GQA.
 
   band (bidirectional only): a query also needs the key within `band` slots of it either side -- a static
-  mask, so the kernel skips the tiles outside the band (`attention.group_attention` on TPU: temporal groups
+  mask, so the kernel skips the tiles outside the band (`attention.splash_group_attention`: temporal groups
   that each span at most band + 1 slots).
 
   Shapes as in the module docstring; self-attention only (q_len == kv_len: training and

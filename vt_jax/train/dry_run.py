@@ -448,7 +448,8 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
     detail = ", ".join(f"{k} {v / split[k]:.2f}x analytic" for k, v in executed.items() if split.get(k))
     notes.append(f"FLOPs of {' + '.join(kernel_flops_keys)} run in Pallas kernels the cost model "
                  f"cannot see: timed from {basis} at {kernel_efficiency:.0%} of peak"
-                 + (f" ({detail}: backward and remat recomputation, padded tiles)" if detail else ""))
+                 + (f" ({detail}: whole tiles, padded head_dim, and in training the backward and remat's "
+                    f"recomputed forward)" if detail else ""))
 
   report = DryRunReport(
       name=name, target=target, platform=platform, device_kind=kind,
