@@ -138,6 +138,30 @@ def test_splash_attention_step_compiles_in_the_dry_run():
   assert "attention 1.50x analytic" in dr.format_report(executed)
 
 
+@pytest.mark.parametrize("precision", ["default", "highest"])
+def test_vision_group_attention_in_splash_compiles_for_tpu(precision):
+  """The vision tower's full-attention layers on TPU: splash over the patch buffer with banded masks in a
+  lax.switch, head_dim 80 (not a lane multiple), bf16, forward and backward, compiled by Mosaic -- as a run
+  traces it (default precision) and under the tests' global "highest" (the kernel's precision wrapper)."""
+  import importlib
+  attention = importlib.import_module("vt_jax.model.attention")
+  mesh = dr.make_dry_run_mesh("v5e-8", {"fsdp": -1})
+  act = NamedSharding(mesh, P("fsdp"))
+  q = jax.ShapeDtypeStruct((8, 1024, 2, 80), jnp.bfloat16, sharding=act)
+  ids = jax.ShapeDtypeStruct((8, 1024), jnp.int32, sharding=act)
+
+  def loss(q, k, v, ids):
+    out = attention.splash_group_attention(q, k, v, ids, window_patches=64, max_group_windows=6)
+    return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+  with jax.default_matmul_precision(precision):
+    assert (jax.config.jax_default_matmul_precision in fast_attention._KERNEL_PRECISIONS) == (precision == "default")
+    compiled = dr._compile(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, q, q, ids), mesh, "group", "v5e-8")
+  hlo = compiled.as_text()
+  # Three bands (2, 4, 6 windows) and the whole buffer: forward, dq and dkv kernels of each.
+  assert hlo.count("tpu_custom_call") >= 12
+
+
 def test_costs_come_from_a_compile_without_windowed_einsum():
   """XLA may run FSDP matmuls as windowed-einsum loops (collective matmul) whose bodies its cost model counts
   once; the dry run then recompiles for costs with libtpu's options that turn them off. The detector finds
