@@ -235,6 +235,18 @@ def test_sharded_batch_equals_single_device():
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
 
 
+def _outputs_and_grads(visual, inputs, index):
+  """The tower's merged tokens for `inputs` and the parameter gradients of sum(sin(tokens[index]))."""
+  graphdef, state = nnx.split(visual)
+
+  def loss(state):
+    out = nnx.merge(graphdef, state)(*inputs)[0]
+    return jnp.sum(jnp.sin(out[index])), out
+
+  (_, out), grads = jax.value_and_grad(loss, has_aux=True)(state)
+  return np.asarray(out), grads
+
+
 @pytest.mark.parametrize("per_block", [2, 4])
 def test_several_windows_per_attention_block_equal_transformers(models, per_block):
   """Window layers over blocks of 2 or 4 windows (TPU's default fills 128 lanes) keep windows apart by id:
@@ -255,14 +267,7 @@ def test_several_windows_per_attention_block_equal_transformers(models, per_bloc
 
   def run(setting, window_ids=inputs[2]):
     ours.visual.windows_per_block = setting
-    graphdef, state = nnx.split(ours.visual)
-
-    def loss(state):
-      out = nnx.merge(graphdef, state)(inputs[0], inputs[1], window_ids, inputs[3])[0]
-      return jnp.sum(jnp.sin(out[index])), out
-
-    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(state)
-    return np.asarray(out), grads
+    return _outputs_and_grads(ours.visual, (inputs[0], inputs[1], window_ids, inputs[3]), index)
 
   try:
     out, grads = run(per_block)
@@ -329,7 +334,7 @@ def test_splash_group_attention_equals_dense(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("max_group_windows", [4, 2])  # G=2: the groups do not fit, the whole-buffer kernel
-def test_vision_layers_in_the_splash_kernel_equal_the_xla_path(models, max_group_windows):
+def test_vision_layers_in_the_splash_kernel_equal_the_xla_path(models, max_group_windows, monkeypatch):
   """Window blocks of 128 slots (8 tiny windows) and the full-attention layers through Pallas splash
   (interpret mode here), window / group ids as segment ids: the tower equals transformers and the XLA path,
   values and parameter gradients."""
@@ -348,32 +353,24 @@ def test_vision_layers_in_the_splash_kernel_equal_the_xla_path(models, max_group
   saved = ours.visual.windows_per_block, ours.visual.blocks.attention_impl, ours.visual.max_group_windows
   ours.visual.max_group_windows = max_group_windows
   calls = []
-  real_splash = V.fast_attention
+  real_attention = V.fast_attention
 
   def spy(*args, impl, **kwargs):
     calls.append(impl)
-    return real_splash(*args, impl=impl, **kwargs)
+    return real_attention(*args, impl=impl, **kwargs)
 
   def run(impl):
     ours.visual.windows_per_block, ours.visual.blocks.attention_impl = 8, impl
-    graphdef, state = nnx.split(ours.visual)
+    return _outputs_and_grads(ours.visual, inputs, index)
 
-    def loss(state):
-      out = nnx.merge(graphdef, state)(*inputs)[0]
-      return jnp.sum(jnp.sin(out[index])), out
-
-    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(state)
-    return np.asarray(out), grads
-
+  monkeypatch.setattr(V, "fast_attention", spy)
   try:
-    V.fast_attention = spy
     kernel, grads = run("splash")
     assert set(calls) == {"splash"}
     calls.clear()
     xla, grads_xla = run("xla")
     assert set(calls) == {"xla"}
   finally:
-    V.fast_attention = real_splash
     ours.visual.windows_per_block, ours.visual.blocks.attention_impl, ours.visual.max_group_windows = saved
   diff_hf = float(np.abs(kernel[index] - theirs).max())
   print(f"\n[splash, G={max_group_windows}] vs transformers {diff_hf:.3g}")
