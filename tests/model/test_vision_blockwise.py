@@ -247,6 +247,16 @@ def _outputs_and_grads(visual, inputs, index):
   return np.asarray(out), grads
 
 
+def _assert_equal_towers(label, theirs, index, got, want):
+  """`got` = (merged tokens, gradients) equals transformers' tokens `theirs` and `want` (another path's)."""
+  diff_hf = float(np.abs(got[0][index] - theirs).max())
+  print(f"\n[{label}] vs transformers {diff_hf:.3g}")
+  assert diff_hf <= 1e-4
+  np.testing.assert_allclose(got[0][index], want[0][index], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("per_block", [2, 4])
 def test_several_windows_per_attention_block_equal_transformers(models, per_block):
   """Window layers over blocks of 2 or 4 windows (TPU's default fills 128 lanes) keep windows apart by id:
@@ -278,12 +288,7 @@ def test_several_windows_per_attention_block_equal_transformers(models, per_bloc
     mixed_one = run(1, merged_ids)[0]
   finally:
     ours.visual.windows_per_block = saved
-  diff_hf = float(np.abs(out[index] - theirs).max())
-  print(f"\n[{per_block} windows per block] vs transformers {diff_hf:.3g}")
-  assert diff_hf <= 1e-4
-  np.testing.assert_allclose(out[index], one[index], atol=1e-5)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_one)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+  _assert_equal_towers(f"{per_block} windows per block", theirs, index, (out, grads), (one, grads_one))
   assert float(np.abs(mixed[index] - mixed_one[index]).max()) > 1e-3
 
 
@@ -372,12 +377,7 @@ def test_vision_layers_in_the_splash_kernel_equal_the_xla_path(models, max_group
     assert set(calls) == {"xla"}
   finally:
     ours.visual.windows_per_block, ours.visual.blocks.attention_impl, ours.visual.max_group_windows = saved
-  diff_hf = float(np.abs(kernel[index] - theirs).max())
-  print(f"\n[splash, G={max_group_windows}] vs transformers {diff_hf:.3g}")
-  assert diff_hf <= 1e-4
-  np.testing.assert_allclose(kernel[index], xla[index], atol=1e-5)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+  _assert_equal_towers(f"splash, G={max_group_windows}", theirs, index, (kernel, grads), (xla, grads_xla))
 
 
 def test_attention_impl_of_the_vision_layers():
