@@ -211,10 +211,10 @@ def summary(parts: dict, dry: dict | None, args) -> list[str]:
   command = f"`python benchmarks/run_all.py {' '.join(sys.argv[1:])}`"
   rerun = any("reused" not in p for p in parts.values()) or (dry is not None and "reused" not in dry)
   # A summary regenerated from earlier results ran nothing itself: the parts below name their sources.
-  command = (f"Command: {command}." if rerun else
-             f"Summary regenerated with {command} from earlier runs' results (each part names its source).")
+  origin = (f"Command: {command}." if rerun else
+            f"Summary regenerated with {command} from earlier runs' results (each part names its source).")
   lines = ["# vt_jax vs transformers: side-by-side benchmarks (`benchmarks/run_all.py`)", "",
-           f"{command} Machine: {platform.processor() or platform.machine()}, "
+           f"{origin} Machine: {platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} cores (shared with other jobs), Python {platform.python_version()}; threads per side: "
            f"{args.threads or 'all cores'} (torch.set_num_threads and XLA's pool via CPU affinity).", "",
            "| benchmark | vt_jax | reference | ratio | target | met |", "|---|---|---|---|---|---|"]

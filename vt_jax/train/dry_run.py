@@ -415,21 +415,6 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
   hlo = compiled.as_text()
   has_kernels = platform == "tpu" and "tpu_custom_call" in hlo
   notes = []
-  # XLA runs some FSDP weight matmuls as windowed-einsum loops (collective matmul: the all-gather in
-  # steps, overlapped with the dot); the cost model counts such a loop's body once, i.e. a fraction of
-  # the matmul. The costs then come from the same program compiled without them (memory stays the real
-  # program's); the unrolled and marginal compiles use the same options.
-  cost_options = None
-  windowed = _windowed_einsum_loops(hlo) if platform == "tpu" else 0
-  if windowed:
-    cost_options = NO_WINDOWED_EINSUM
-    t0 = time.perf_counter()
-    costed = _compile(jitted, abstract_args, mesh, name, target, cost_options)
-    compiler_flops, compiler_seconds, roofline = _cost(costed, peak_flops_per_device, bandwidth)
-    hlo = costed.as_text()
-    notes.append(f"XLA runs {windowed} matmul{'s' * (windowed != 1)} as windowed-einsum loops (collective matmul) "
-                 f"whose bodies its cost model counts once: costs are from the step compiled without them "
-                 f"({time.perf_counter() - t0:.0f} s)")
   while_loops = hlo.count(" while(")
 
   split = dict(flops_split or {})
@@ -461,6 +446,24 @@ def dry_run(step_fn: Callable, args: Sequence | Callable[[Mesh], Sequence], *,
       kernel_efficiency=kernel_efficiency, kernel_flops=executed, compile_seconds=compile_seconds)
   if check_fit and report.fits is False:
     raise DoesNotFit(_not_fit_message(report), report)
+
+  # XLA runs some FSDP weight matmuls as windowed-einsum loops (collective matmul: the all-gather in
+  # steps, overlapped with the dot); the cost model counts such a loop's body once, i.e. a fraction of
+  # the matmul. The costs then come from the same program compiled without them (memory stays the real
+  # program's); the unrolled and marginal compiles use the same options.
+  cost_options = None
+  windowed = _windowed_einsum_loops(hlo) if platform == "tpu" else 0
+  if windowed:
+    cost_options = NO_WINDOWED_EINSUM
+    t0 = time.perf_counter()
+    costed = _compile(jitted, abstract_args, mesh, name, target, cost_options)
+    compiler_flops, compiler_seconds, roofline = _cost(costed, peak_flops_per_device, bandwidth)
+    while_loops = costed.as_text().count(" while(")
+    report = dataclasses.replace(report, compiler_flops=compiler_flops, compiler_seconds=compiler_seconds,
+                                 while_loops=while_loops)
+    notes.append(f"XLA runs {windowed} matmul{'s' * (windowed != 1)} as windowed-einsum loops (collective matmul) "
+                 f"whose bodies its cost model counts once: costs are from the step compiled without them "
+                 f"({time.perf_counter() - t0:.0f} s)")
 
   seen = sum(v for k, v in split.items() if k not in kernel_flops_keys) / len(devices)
   if while_loops and loop_cost == "auto":

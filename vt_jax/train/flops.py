@@ -78,26 +78,22 @@ def vision_forward_flops(vision, window_ids: np.ndarray, group_ids: np.ndarray) 
   if patches == 0:
     return 0.0
   per_patch_block = 2 * (3 * dv * dv + dv * dv + 3 * dv * fv)
-  window_keys = _full_pairs(window_ids)
-  group_keys = _full_pairs(group_ids)
-  n_full = len(vision.fullatt_block_indexes)
-  n_window = vision.depth - n_full
-  attention = 2 * 2 * dv * (n_window * window_keys + n_full * group_keys)
+  attention = vision_window_attention_flops(vision, window_ids) + vision_group_attention_flops(vision, group_ids)
   merged = patches / unit
   merger = 2 * merged * (unit * dv * unit * dv + unit * dv * d_out)
   return float(2 * patch_dim * dv * patches + vision.depth * per_patch_block * patches + attention + merger)
 
 
 def vision_window_attention_flops(vision, window_ids: np.ndarray) -> float:
-  """Forward FLOPs of the window layers' attention (scores + weighted values) over real patches: the
-  window part of `vision_forward_flops`' attention term."""
+  """Forward FLOPs of the window layers' attention (scores + weighted values) over real patches (part of
+  `vision_forward_flops`)."""
   n_window = vision.depth - len(vision.fullatt_block_indexes)
   return float(2 * 2 * vision.hidden_size * n_window * _full_pairs(window_ids))
 
 
 def vision_group_attention_flops(vision, group_ids: np.ndarray) -> float:
-  """Forward FLOPs of the full-attention layers' attention over real patches (the group part of
-  `vision_forward_flops`' attention term)."""
+  """Forward FLOPs of the full-attention layers' attention over real patches (part of
+  `vision_forward_flops`)."""
   return float(2 * 2 * vision.hidden_size * len(vision.fullatt_block_indexes) * _full_pairs(group_ids))
 
 
