@@ -5,8 +5,8 @@
 A decode step reads every weight once (and the KV cache up to its length) for 8 rows of one token each, so
 on a CPU it is bound by memory bandwidth, not FLOPs. This times, on the "small" preset (text 512 x 8
 layers, vocab 151,936 tied) with 8 rows, a `lax.fori_loop` of `model.decode_step` (the sampler's inner
-loop, with the output projection from `decode_head()` as the sampler passes it), its decoder layers alone
-and its logits alone, at two cache lengths, in fp32 and bf16; and the machine's read bandwidth (an XLA sum
+loop: with the weights from `decode_weights()` and a per-layer cache, as the sampler passes them), its
+decoder layers alone and its logits alone, at two cache lengths, in fp32 and bf16; and the machine's read bandwidth (an XLA sum
 over 1 GiB). The floor of a step is the bytes it must read (decoder-layer weights + output embedding + the
 cache's k/v) over that bandwidth.
 Writes benchmarks/results/bench_decode.{json,md}.
@@ -56,36 +56,41 @@ def step_programs(model, length: int):
   graphdef, _ = nnx.split(model)
   hidden = model.config.text.hidden_size
 
-  head = model.decode_head()  # as the sampler: once per generation, eagerly
+  weights = model.decode_weights()  # as the sampler: once per generation, eagerly
 
-  def full(state, tokens, head):
+  def new_cache(m, weights):
+    cache = m.init_cache(ROWS, length)
+    return cache.per_layer() if weights.layers is not None else cache
+
+  def full(state, tokens, weights):
     m = nnx.merge(graphdef, state)
 
     def body(_, carry):
       cache, t = carry
-      logits, cache = m.decode_step(cache, t, head)
+      logits, cache = m.decode_step(cache, t, weights)
       return cache, jnp.argmax(logits, -1).astype(jnp.int32)  # the next step depends on this one's logits
-    return jax.lax.fori_loop(0, STEPS, body, (m.init_cache(ROWS, length), tokens))[1]
+    return jax.lax.fori_loop(0, STEPS, body, (new_cache(m, weights), tokens))[1]
 
-  def layers(state, tokens):
+  def layers(state, tokens, weights):
     m = nnx.merge(graphdef, state)
 
     def body(_, cache):
       pos = jnp.broadcast_to(cache.next_position[None, :, None], (3, ROWS, 1))
-      h, cache = m.text.extend(m.text.embed(tokens[:, None]), pos, jnp.ones((ROWS, 1), bool), cache)
+      h, cache = m.text.extend(m.text.embed(tokens[:, None]), pos, jnp.ones((ROWS, 1), bool), cache,
+                               layer_params=weights.layers)
       return cache.replace(next_position=cache.next_position + 1 + (h[:, 0, 0] > 1e30).astype(jnp.int32))
-    cache = jax.lax.fori_loop(0, STEPS, body, m.init_cache(ROWS, length))
-    return cache.k[:, :, :, :STEPS].sum() + cache.next_position.sum()
+    cache = jax.lax.fori_loop(0, STEPS, body, new_cache(m, weights))
+    return sum(k[:, :, :STEPS].sum() for k in cache.k) + cache.next_position.sum()
 
-  def logits(state, tokens, head):
+  def logits(state, tokens, weights):
     m = nnx.merge(graphdef, state)
 
     def body(_, h):
-      return h + m.logits(h, head)[:, :hidden] * 1e-9
+      return h + m.logits(h, weights.head)[:, :hidden] * 1e-9
     return jax.lax.fori_loop(0, STEPS, body, jnp.ones((ROWS, hidden), jnp.float32) + tokens[:, None])
 
-  with_head = lambda fn: functools.partial(jax.jit(fn), head=head)
-  return {"decode step": with_head(full), "decoder layers": jax.jit(layers), "logits": with_head(logits)}
+  with_weights = lambda fn: functools.partial(jax.jit(fn), weights=weights)
+  return {"decode step": with_weights(full), "decoder layers": with_weights(layers), "logits": with_weights(logits)}
 
 
 def floor_bytes(model, length: int) -> dict[str, int]:

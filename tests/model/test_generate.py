@@ -147,25 +147,51 @@ def test_prefill_self_attention_equals_attention_against_the_cache(models):
 
 
 @pytest.mark.parametrize("dtype,tie", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)])
-def test_decode_head_gives_the_same_logits(dtype, tie):
-  """`decode_head()`: a tied fp32 table on CPU comes as a `[D, V]` copy (XLA:CPU's faster decode layout),
-  otherwise None (the model's own projection); logits through it equal the default ones, in decode steps too."""
+def test_decode_weights_give_the_same_logits(dtype, tie):
+  """`decode_weights()` on CPU: a tied fp32 table comes as a `[D, V]` copy (XLA:CPU's faster decode layout,
+  else None) and the decoder layers as one param state per layer; decode steps through them, on a
+  per-layer cache (the layers unrolled), give the logits and cache of the stacked scan."""
   import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
   from vt_jax.model.modeling import Qwen25VL  # pylint: disable=import-outside-toplevel
   config = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, tie_word_embeddings=tie))
   model = Qwen25VL(config, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype)
-  head = model.decode_head()
+  weights = model.decode_weights()
   d, v = config.text.hidden_size, config.text.vocab_size
-  if not (tie and dtype == jnp.float32):
-    assert head is None
-    return
-  assert head.shape == (d, v)
-  np.testing.assert_array_equal(np.asarray(head), np.asarray(model.text.embed_tokens[...]).T)
-  hidden = jnp.asarray(np.random.default_rng(0).standard_normal((3, d)), dtype)
-  np.testing.assert_allclose(np.asarray(model.logits(hidden, head)), np.asarray(model.logits(hidden)),
-                             rtol=1e-5, atol=1e-5)
-  cache = model.init_cache(2, 8)
-  tokens = jnp.asarray([3, 5], jnp.int32)
-  with_head, _ = model.decode_step(cache, tokens, head)
-  plain, _ = model.decode_step(cache, tokens)
-  np.testing.assert_allclose(np.asarray(with_head), np.asarray(plain), rtol=1e-5, atol=1e-5)
+  if tie and dtype == jnp.float32:
+    assert weights.head.shape == (d, v)
+    np.testing.assert_array_equal(np.asarray(weights.head), np.asarray(model.text.embed_tokens[...]).T)
+  else:
+    assert weights.head is None
+  stacked = nnx.state(model.text.layers)
+  assert len(weights.layers) == config.text.num_hidden_layers
+  for i, layer in enumerate(weights.layers):
+    jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(np.asarray(a), np.asarray(b[i])), layer, stacked)
+
+  rng = np.random.default_rng(0)
+  b, prompt_len, steps = 3, 5, 4
+  ids = jnp.asarray(rng.integers(0, 900, (b, prompt_len)), jnp.int32)
+  positions = jnp.asarray(np.broadcast_to(np.arange(prompt_len), (3, b, prompt_len)), jnp.int32)
+  segments = jnp.asarray(np.array([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]]), jnp.int32)
+  cache = model.init_cache(b, prompt_len + steps)
+  _, cache = nnx.jit(lambda m, c: m.prefill(c, ids, positions, segments))(model, cache)
+
+  @nnx.jit
+  def run(m, cache, weights):
+    out = []
+    tokens = jnp.asarray([3, 5, 7], jnp.int32)
+    for _ in range(steps):  # the write index moves: every step updates another slot of each layer
+      logits, cache = m.decode_step(cache, tokens, weights)
+      out.append(logits)
+      tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+    return jnp.stack(out), cache
+
+  want, want_cache = run(model, cache, None)
+  for name, w in (("decode weights", weights), ("sliced in the step", dataclasses.replace(weights, layers=None))):
+    got, got_cache = run(model, cache.per_layer(), w)
+    assert isinstance(got_cache.k, tuple), name
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the unrolled layers round apart in places
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol, err_msg=name)
+    for got_kv, want_kv in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+      np.testing.assert_allclose(np.stack([np.asarray(a, np.float32) for a in got_kv]),
+                                 np.asarray(want_kv, np.float32), rtol=tol, atol=tol, err_msg=name)

@@ -331,24 +331,34 @@ def test_sharded_sampler_equals_single_device():
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_sample_and_stream_decode_with_the_models_head(tie, monkeypatch):
-  """`sample` and `stream` hand the decode loop `model.decode_head()` (on CPU for a tied fp32 table: the
-  `[D, V]` copy XLA:CPU reads faster; else None); the loop's results do not show it, so the calls are
-  checked."""
+def test_sample_and_stream_decode_with_the_models_decode_weights(tie, monkeypatch):
+  """`sample` and `stream` hand the decode loop `model.decode_weights()` (on CPU: the tied fp32 table as a
+  `[D, V]` copy, else no head; the layers one state each, run unrolled on a per-layer cache); the loop's
+  results do not show it, so the calls are checked -- and the tokens equal those of the stacked scan
+  (layer copies off by `DECODE_LAYER_COPY_LIMIT`)."""
   import dataclasses
+  from vt_jax.model import modeling
   config = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, tie_word_embeddings=tie))
   model = Qwen25VL(config, rngs=nnx.Rngs(3), dtype=jnp.float32)
-  heads = []
+  seen = []
   for name in ("_sample_jit", "_step_jit"):
     real = getattr(SM, name)
-    monkeypatch.setattr(SM, name, lambda *a, real=real, **kw: (heads.append(a[-1]), real(*a, **kw))[1])
+    monkeypatch.setattr(SM, name, lambda *a, real=real, **kw: (seen.append(a[-1]), real(*a, **kw))[1])
   batch = make_prompts(4)
-  sampling = SM.SamplingConfig(temperature=0.0, max_new_tokens=2, eos_ids=(999,), pad_id=990)
-  SM.sample(model, batch, key=jax.random.key(0), config=sampling)
-  list(SM.stream(model, batch, key=jax.random.key(0), config=sampling))
-  assert len(heads) == 3  # one sample call, two stream steps
-  for head in heads:
+  sampling = SM.SamplingConfig(temperature=1.0, max_new_tokens=5, eos_ids=(999,), pad_id=990)
+  unrolled = SM.sample(model, batch, key=jax.random.key(0), config=sampling)
+  streamed = list(SM.stream(model, batch, key=jax.random.key(0), config=sampling))
+  assert len(seen) == 1 + len(streamed)  # one sample call, one per stream step
+  for weights in seen:
     if tie:
-      np.testing.assert_array_equal(np.asarray(head), np.asarray(model.text.embed_tokens[...]).T)
+      np.testing.assert_array_equal(np.asarray(weights.head), np.asarray(model.text.embed_tokens[...]).T)
     else:
-      assert head is None
+      assert weights.head is None
+    assert len(weights.layers) == config.text.num_hidden_layers
+  np.testing.assert_array_equal(np.stack(streamed, 1), np.asarray(unrolled.tokens)[:, :len(streamed)])
+  monkeypatch.setattr(modeling, "DECODE_LAYER_COPY_LIMIT", 0)
+  seen.clear()
+  scanned = SM.sample(model, batch, key=jax.random.key(0), config=sampling)
+  assert seen[0].layers is None
+  np.testing.assert_array_equal(np.asarray(scanned.tokens), np.asarray(unrolled.tokens))
+  np.testing.assert_allclose(np.asarray(scanned.logprobs), np.asarray(unrolled.logprobs), atol=1e-5)

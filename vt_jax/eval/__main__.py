@@ -9,7 +9,11 @@
 
 --model is an orbax training checkpoint (a `vt_jax.train` workdir, its checkpoints/ dir, or one step dir),
 a Hugging Face directory (e.g. Qwen2.5-VL-7B-Instruct, Video-Thinker-7B) or a `vt_jax.convert import`
-directory; it is sharded over all devices.
+directory; it is sharded over this process's devices (`--mesh`).
+On a multi-host slice run the same command on every host (TPU pods are detected; elsewhere add
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`): each process holds a model replica
+on its own devices and generates every N-th item, with no traffic between hosts while generating; --out
+must be on storage all hosts see (process 0 merges the per-process predictions and writes the reports).
 Each (benchmark, frame count) is one run directory `OUT/<benchmark>_<n>f/` (predictions.jsonl streamed and
 resumed, metrics.json, report.md beside the paper's numbers, per-category plot); `OUT/comparison.md` and
 `OUT/accuracy_vs_frames.png` compare them (`python -m vt_jax.eval.report` compares any runs).
@@ -91,7 +95,7 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[EvalItem], out_dir: str
              max_new_tokens: int = 1024, temperature: float = 0.1, top_p: float = 0.001, top_k: int = 0,
              seed: int = 0, mesh: Any = None, model_name: str = "model", benchmark: str | None = None,
              train_config: dict | None = None, extra_options: dict[str, Any] | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, process: Any = None) -> dict[str, Any]:
   """Evaluates `items` with a model in memory and writes the run's outputs into `out_dir` (resumable).
 
   model: a `Qwen25VL` (with `tokenizer`, its params on `mesh` or on the mesh they live on) or a
@@ -100,12 +104,23 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[EvalItem], out_dir: str
     checkpoint's), with `nframes` frames. prompt: template name (default: the training config's, else
     "video_thinker"). Decoding: temperature / top_p / top_k / max_new_tokens (defaults: the paper's).
   model_name / benchmark / extra_options: recorded in run.json (a resumed run must match them).
+  process: a `vt_jax.train.distributed.ProcessInfo` (default: this JAX process of all of them): with several
+    processes each generates its share of the items on its own replica (the model's mesh must hold only
+    this process's devices) and process 0 writes the results (`runner.run_eval`).
 
   Returns the summary written to `out_dir/metrics.json`: {"run": {... "items_per_s" ...}, "metrics": {
   "accuracy", "per_category", "format_rate", "mean_output_length", "grounding", "captions", ...}}.
   """
+  import jax
+
   from vt_jax.eval import model_io
+  from vt_jax.train import distributed
   loaded = _as_loaded(model, tokenizer, mesh, model_name, train_config)
+  process = process or distributed.ProcessInfo(jax.process_index(), jax.process_count())
+  if process.count > 1 and any(d.process_index != jax.process_index() for d in loaded.mesh.devices.flat):
+    raise ValueError(f"evaluate(): the model's mesh {dict(loaded.mesh.shape)} spans several processes; with "
+                     f"{process.count} processes each evaluates its share of the items on a replica over its own "
+                     "devices: load it on model_io.make_mesh(devices=jax.local_devices())")
   if sampling is None:
     sampling = loaded.default_sampling(nframes, benchmark or (items[0].benchmark if items else None))
   elif nframes is not None:
@@ -119,7 +134,8 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[EvalItem], out_dir: str
              "max_new_tokens": max_new_tokens, "min_pixels": sampling.min_pixels, "max_pixels": sampling.max_pixels,
              "seed": seed, **(extra_options or {})}
   summary = runner.run_eval(items, qa.generate, out_dir, batch_size, nframes=int(sampling.nframes or 0),
-                            model=loaded.name, benchmark=benchmark, options=options, progress=progress)
+                            model=loaded.name, benchmark=benchmark, options=options, progress=progress,
+                            process=process)
   summary["run"]["throughput"] = qa.throughput()  # this invocation only (not written to metrics.json)
   return summary
 
@@ -157,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model_config", help="preset name or HF config dir, for an orbax step dir without its workdir")
   p.add_argument("--param_dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
-  p.add_argument("--mesh", default="1,-1,1", help="DATA,FSDP,TENSOR device mesh (-1: the remaining devices)")
+  p.add_argument("--mesh", default="1,-1,1",
+                 help="DATA,FSDP,TENSOR mesh over this process's devices (-1: the remaining devices)")
+  p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process runs off TPU pods)")
+  p.add_argument("--num_processes", type=int, help="number of processes (multi-process runs off TPU pods)")
+  p.add_argument("--process_id", type=int, help="this process's index (multi-process runs off TPU pods)")
   p.add_argument("--cg_subset", choices=benchmarks.CG_BENCH_SUBSETS, default="cognition",
                  help="CG-Bench part evaluated as CG-Bench-Reasoning")
   p.add_argument("--limit", type=int, help="evaluate only the first N items of each benchmark")
@@ -219,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from vt_jax.eval import model_io  # after argument parsing: --help should not wait for jax
+  from vt_jax.train import distributed
   try:
+    process = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     inputs = resolve_inputs(args)
     for flag in ("batch_size", "max_new_tokens", "limit"):
       value = getattr(args, flag)
@@ -236,8 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       log.info("%s: %d items from %s (videos under %s)", name, len(items), ann, root)
       loaded_items.append((name, ann, items))
     t0 = time.perf_counter()
+    import jax
+    mesh = model_io.make_mesh(args.mesh, devices=jax.local_devices())
     loaded = model_io.load_model(args.model, tokenizer=args.tokenizer, model_config=args.model_config,
-                                 mesh=model_io.make_mesh(args.mesh), param_dtype=args.param_dtype, dtype=args.dtype)
+                                 mesh=mesh, param_dtype=args.param_dtype, dtype=args.dtype)
     log.info("model %s loaded in %.1f s", loaded.name, time.perf_counter() - t0)
   except (UsageError, benchmarks.BenchmarkFormatError, model_io.ModelLoadError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -255,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = evaluate(loaded, None, items, out_dir, sampling=sampling, prompt=args.prompt,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                           benchmark=name, extra_options=extra, progress=not args.no_progress)
+                           benchmark=name, extra_options=extra, progress=not args.no_progress,
+                           process=process)
       except runner.PredictionsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -265,12 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{tp['items_per_s']:.3f} items/s ({tp['tokens_per_s']:.1f} tokens/s)" +
           ("" if tp["steady_items_per_s"] is None else
            f", {tp['steady_items_per_s']:.3f} items/s after the first (compiling) batch"))
+      if not process.is_primary:
+        run_dirs.append(out_dir)
+        continue
       print(f"{name} {sampling.nframes}f: accuracy {report_lib._f(m['accuracy'])}% of {m['n_evaluated']} evaluated "
             f"({m['n_missing_video']} missing, {m['n_video_error']} unreadable videos), format "
             f"{report_lib._f(m['format_rate'])}%; {speed} -> {out_dir}", flush=True)
       run_dirs.append(out_dir)
-  paths = report_lib.compare_runs(run_dirs, args.out)
-  print(f"wrote {paths['comparison']} and {paths['frames_plot']}")
+  if process.is_primary:
+    paths = report_lib.compare_runs(run_dirs, args.out)
+    print(f"wrote {paths['comparison']} and {paths['frames_plot']}")
   return 0
 
 

@@ -171,9 +171,10 @@ class LoadedModel:
     return ((self.train_config or {}).get("data") or {}).get("prompt") or "video_thinker"
 
 
-def make_mesh(shape: str | Sequence[int] | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; `shape` like "1,-1,1" (the default: params sharded
-  over every device, the layout that fits any model size)."""
+def make_mesh(shape: str | Sequence[int] | None = None, devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all); `shape` like "1,-1,1" (the default: params
+  sharded over every device, the layout that fits any model size)."""
   if shape is None:
     sizes = [1, -1, 1]
   elif isinstance(shape, str):
@@ -185,7 +186,7 @@ def make_mesh(shape: str | Sequence[int] | None = None) -> jax.sharding.Mesh:
       raise ValueError(f"mesh {shape!r}: give three sizes DATA,FSDP,TENSOR, e.g. 1,-1,1 or 1,2,4")
   else:
     sizes = [int(s) for s in shape]
-  return S.make_mesh(*sizes)
+  return S.make_mesh(*sizes, devices=devices)
 
 
 def _read_train_config(workdir: str) -> dict:

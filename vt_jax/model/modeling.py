@@ -9,15 +9,33 @@ All shapes are static: a new (L, P) bucket is a new compile.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vt_jax.model.config import ModelConfig
-from vt_jax.model.layers import Linear, constrain
+from vt_jax.model.layers import Linear, constrain, unstacked_states
 from vt_jax.model.platform import current_platform
 from vt_jax.model.text import KVCache, TextDecoder
 from vt_jax.model.vision import VisionTower
+
+
+# The decoder layers' params are copied per layer for a CPU decode loop up to this size (a 7B model's
+# would not fit twice in a host's memory; above it the loop slices the stacked params, `scan_layers`).
+DECODE_LAYER_COPY_LIMIT = 2 << 30
+
+
+@flax.struct.dataclass
+class DecodeWeights:
+  """What a loop of decode steps reads in place of the model's params (`Qwen25VL.decode_weights`).
+
+  head:   `[D, V]` output projection, or None for the model's own.
+  layers: the decoder layers' params, one state per layer (`layers.unstacked_states`), or None: with a
+          per-layer cache (`KVCache.per_layer`) the layers run unrolled on them.
+  """
+  head: jax.Array | None = None
+  layers: tuple | None = None
 
 
 class Qwen25VL(nnx.Module):
@@ -75,21 +93,29 @@ class Qwen25VL(nnx.Module):
       return self.text.embed_tokens[...].astype(self.dtype), True
     return self.lm_head.kernel[...].astype(self.dtype), False
 
-  def decode_head(self) -> jax.Array | None:
-    """A `[D, V]` copy of a tied fp32 output table for a loop of decode steps on CPU, else None (the stored
-    projection is the faster layout). Call it eagerly, outside jit, once per generation: in a traced
-    function XLA folds the transpose back into the dot. XLA:CPU contracts 8 rows against the stored
-    `[V, D]` table at 25 GB/s and against a `[D, V]` array at 39 GB/s (12.7 vs 8.1 ms per step on the small
-    preset's 151,936 x 512 table); in bf16 the stored layout is the faster one."""
-    # Decided before touching the table: `lm_head_weight()` would cast it, an eager copy on every call.
-    if self.lm_head is not None or self.dtype != jnp.float32 or current_platform() != "cpu":
-      return None
-    return jnp.transpose(self.text.embed_tokens[...].astype(self.dtype))
+  def decode_weights(self) -> DecodeWeights:
+    """The weights a loop of decode steps reads, laid out for the backend: on CPU a `[D, V]` copy of a
+    tied fp32 output table and the decoder layers' params one state per layer (for a per-layer cache,
+    `KVCache.per_layer`); elsewhere nothing (the model's own). Call it eagerly, outside jit, once per
+    generation: traced, the transpose folds back into the dot and the slices into the loop."""
+    if current_platform() != "cpu":
+      return DecodeWeights()
+    head = None
+    # XLA:CPU contracts 8 rows against the stored `[V, D]` table at 25 GB/s and against a `[D, V]` array at
+    # 39 GB/s (12.7 vs 8.1 ms per step on the small preset's 151,936 x 512 table); in bf16 the stored
+    # layout is the faster one. Decided before touching the table: `lm_head_weight()` would cast it.
+    if self.lm_head is None and self.dtype == jnp.float32:
+      head = jnp.transpose(self.text.embed_tokens[...].astype(self.dtype))
+    layers = None
+    layer_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(self.text.layers)))
+    if layer_bytes <= DECODE_LAYER_COPY_LIMIT:
+      layers = unstacked_states(self.text.layers)
+    return DecodeWeights(head=head, layers=layers)
 
   def logits(self, hidden, head: jax.Array | None = None):
     """Final-normed hidden `[..., D]` -> fp32 logits `[..., V]` (bf16 matmul, fp32 accumulation).
 
-    head: a `[D, V]` output projection from `decode_head()` instead of the model's own."""
+    head: a `[D, V]` output projection (`DecodeWeights.head`) instead of the model's own."""
     # A tied table is contracted as stored: through the transposed view XLA:CPU ran a bf16 decode step's
     # logits ~2x slower (15.6 vs 7 ms on the small preset, 8 rows).
     weight, vocab_major = self.lm_head_weight() if head is None else (head, False)
@@ -154,12 +180,15 @@ class Qwen25VL(nnx.Module):
     cache = cache.replace(next_position=next_position.astype(jnp.int32))
     return self.logits(last_hidden), cache
 
-  def decode_step(self, cache: KVCache, tokens, head: jax.Array | None = None):
+  def decode_step(self, cache: KVCache, tokens, weights: DecodeWeights | None = None):
     """One token per row `[B]` at position `cache.next_position` -> (fp32 logits `[B, V]`, cache).
 
-    head: `decode_head()`, made once before a loop of steps (default: the model's own projection)."""
+    weights: `decode_weights()`, made once before a loop of steps (default: the model's own params)."""
+    weights = DecodeWeights() if weights is None else weights
     pos = jnp.broadcast_to(cache.next_position[None, :, None], (3, tokens.shape[0], 1))
     x = self.text.embed(tokens[:, None])
-    hidden, cache = self.text.extend(x, pos, jnp.ones((tokens.shape[0], 1), bool), cache)
+    hidden, cache = self.text.extend(x, pos, jnp.ones((tokens.shape[0], 1), bool), cache,
+                                     layer_params=weights.layers)
     cache = cache.replace(next_position=cache.next_position + 1)
-    return self.logits(hidden[:, 0], head), cache
+    return self.logits(hidden[:, 0], weights.head), cache
+

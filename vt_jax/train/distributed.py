@@ -241,3 +241,34 @@ def barrier(name: str, timeout_s: float = 900) -> None:
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def _coordination_client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  # no public key-value API
+  client = jax_distributed.global_state.client
+  if client is None:
+    raise RuntimeError(f"{jax.process_count()} processes but no jax.distributed client: call "
+                       "vt_jax.train.distributed.initialize() first")
+  return client
+
+
+def broadcast_text(name: str, text: str | None, timeout_s: float = 900) -> str:
+  """Process 0's `text` on every process (the others' argument is ignored); `name` must be new to the job
+  and the same on every process. Goes through the coordination service's key-value store: no devices,
+  no compiled collective."""
+  if jax.process_count() == 1:
+    return text
+  client = _coordination_client()
+  if jax.process_index() == 0:
+    client.key_value_set(name, text)
+    return text
+  return client.blocking_key_value_get(name, int(timeout_s * 1000))
+
+
+def gather_text(name: str, text: str, timeout_s: float = 900) -> list[str]:
+  """Every process's `text`, in process order, on every process (`broadcast_text`'s rules for `name`)."""
+  if jax.process_count() == 1:
+    return [text]
+  client = _coordination_client()
+  client.key_value_set(f"{name}/{jax.process_index()}", text)
+  return [client.blocking_key_value_get(f"{name}/{i}", int(timeout_s * 1000)) for i in range(jax.process_count())]

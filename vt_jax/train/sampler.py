@@ -318,12 +318,14 @@ def _cache_dtype(model, config: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "group_size"))
-def _sample_jit(graphdef, state, arrays, key, head, *, config: SamplingConfig, group_size: int):
+def _sample_jit(graphdef, state, arrays, key, weights, *, config: SamplingConfig, group_size: int):
   TRACE_COUNTS["sample"] += 1  # runs at trace time only
   model = nnx.merge(graphdef, state)
   t = config.max_new_tokens
   logits, cache, has_prompt = _repeat_rows(_prefill(model, arrays, t, _cache_dtype(model, config)), group_size,
                                            model.rules)
+  if weights.layers is not None:
+    cache = cache.per_layer()
   n = logits.shape[0]
   keys = row_keys(key, n)
   eos = jnp.asarray(config.eos_ids, jnp.int32)
@@ -342,7 +344,7 @@ def _sample_jit(graphdef, state, arrays, key, head, *, config: SamplingConfig, g
     tokens = jax.lax.dynamic_update_slice(s["tokens"], token[:, None], (0, s["step"]))
     logprobs = jax.lax.dynamic_update_slice(s["logprobs"], jnp.where(live, logp, 0.0)[:, None], (0, s["step"]))
     # The last step's decode is wasted work, but skipping it would need a cond around the whole model.
-    next_logits, cache = model.decode_step(s["cache"], token, head)
+    next_logits, cache = model.decode_step(s["cache"], token, weights)
     return dict(step=s["step"] + 1, logits=next_logits, cache=cache, tokens=tokens, logprobs=logprobs,
                 lengths=s["lengths"] + live.astype(jnp.int32), finished=s["finished"] | hit_eos,
                 done=s["done"] | hit_eos)
@@ -369,8 +371,8 @@ def sample(model, prompts: Mapping[str, Any], *, key: jax.Array, config: Samplin
     raise SamplingError(f"group_size must be >= 1, got {group_size}")
   arrays = _prompt_arrays(prompts)
   graphdef, state = nnx.split(model)
-  head = model.decode_head()  # eager: a real [D, V] copy on CPU (traced, the transpose folds into the dot)
-  tokens, lengths, finished, logprobs = _sample_jit(graphdef, state, arrays, key, head, config=config,
+  weights = model.decode_weights()  # eager: real copies on CPU (traced, XLA folds them back into the loop)
+  tokens, lengths, finished, logprobs = _sample_jit(graphdef, state, arrays, key, weights, config=config,
                                                     group_size=group_size)
   return SampleOutput(tokens=tokens, lengths=lengths, finished=finished, logprobs=logprobs)
 
@@ -472,21 +474,22 @@ def model_on_mesh(model, mesh, *, dtype=None, rules=None):
 
 # ---- streaming ------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _prefill_jit(graphdef, state, arrays, *, config: SamplingConfig):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "per_layer"))
+def _prefill_jit(graphdef, state, arrays, *, config: SamplingConfig, per_layer: bool):
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(graphdef, state)
-  return _prefill(model, arrays, config.max_new_tokens, _cache_dtype(model, config))
+  logits, cache, has_prompt = _prefill(model, arrays, config.max_new_tokens, _cache_dtype(model, config))
+  return logits, (cache.per_layer() if per_layer else cache), has_prompt
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
-def _step_jit(graphdef, state, logits, cache, keys, step, done, head, *, config: SamplingConfig):
+def _step_jit(graphdef, state, logits, cache, keys, step, done, weights, *, config: SamplingConfig):
   TRACE_COUNTS["step"] += 1
   model = nnx.merge(graphdef, state)
   token, _ = choose_tokens(logits, keys, step, config)
   token = jnp.where(done, config.pad_id, token)
   hit_eos = ~done & jnp.any(token[:, None] == jnp.asarray(config.eos_ids, jnp.int32)[None, :], axis=1)
-  next_logits, cache = model.decode_step(cache, token, head)
+  next_logits, cache = model.decode_step(cache, token, weights)
   return token, next_logits, cache, done | hit_eos
 
 
@@ -498,13 +501,14 @@ def stream(model, prompts: Mapping[str, Any], *, key: jax.Array, config: Samplin
   """
   arrays = _prompt_arrays(prompts)
   graphdef, state = nnx.split(model)
-  logits, cache, has_prompt = _prefill_jit(graphdef, state, arrays, config=config)
+  weights = model.decode_weights()  # as in `sample`
+  logits, cache, has_prompt = _prefill_jit(graphdef, state, arrays, config=config,
+                                           per_layer=weights.layers is not None)
   keys = row_keys(key, logits.shape[0])
   done = ~has_prompt
-  head = model.decode_head()  # as in `sample`
   for step in range(config.max_new_tokens):
     if bool(jnp.all(done)):
       return
-    token, logits, cache, done = _step_jit(graphdef, state, logits, cache, keys, jnp.int32(step), done, head,
+    token, logits, cache, done = _step_jit(graphdef, state, logits, cache, keys, jnp.int32(step), done, weights,
                                            config=config)
     yield np.asarray(token)
