@@ -155,14 +155,14 @@ def test_eval_cli_usage_errors(setup, tmp_path):
     model_io.locate_checkpoint(str(tmp_path))
 
 
-def test_orbax_checkpoint_loads_into_the_same_model(setup, tmp_path):
-  """A vt_jax.train workdir (config.json + checkpoints/<step>/state) loads with the params it saved, its
-  tokenizer and frame sampling taken from the training config."""
+def make_orbax_workdir(setup, workdir, steps=(20,)):
+  """A vt_jax.train workdir holding the setup's model: config.json (tiny preset, the synthetic tokenizer's
+  ids, 8 frames of 112x112, the plain prompt) and checkpoints/<step>/state for each step, the params
+  zeroed in all but the last."""
   import orbax.checkpoint as ocp
   paths, _, model = setup
   tokenizer = synth_tokenizer.load_tokenizer(paths.tokenizer_dir)
   ids = synth_tokenizer.special_token_ids(tokenizer)
-  workdir = tmp_path / "run"
   train_config = {
       "model": {"preset": "tiny", "hf_dir": None, "vocab_size": ids["vocab_size"],
                 "token_ids": {"image_token_id": ids["image_token_id"], "video_token_id": ids["video_token_id"],
@@ -176,10 +176,18 @@ def test_orbax_checkpoint_loads_into_the_same_model(setup, tmp_path):
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(train_config))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  for step in (10, 20):  # the newest finished step is the one loaded
-    scale = 1.0 if step == 20 else 0.0
+  for step in steps:
+    scale = 1.0 if step == steps[-1] else 0.0
     state = {"params": jax.tree.map(lambda x: x * scale, params), "step": np.int32(step)}
     ocp.PyTreeCheckpointer().save(str(workdir / "checkpoints" / str(step) / "state"), state)
+  return workdir
+
+
+def test_orbax_checkpoint_loads_into_the_same_model(setup, tmp_path):
+  """A vt_jax.train workdir (config.json + checkpoints/<step>/state) loads with the params it saved, its
+  tokenizer and frame sampling taken from the training config."""
+  paths, _, model = setup
+  workdir = make_orbax_workdir(setup, tmp_path / "run", steps=(10, 20))
   (workdir / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save is never used
 
   mesh = model_io.make_mesh("1,-1,1")

@@ -1,6 +1,7 @@
 """`python -m vt_jax.eval` as two processes joined by jax.distributed (CPU, localhost, 2 devices each):
-each generates its share of the items on its own model replica, process 0 folds in the parts of an
-interrupted earlier run and writes one predictions file, equal to a single process's."""
+each restores the orbax checkpoint onto its own devices and generates its share of the items, process 0
+folds in the parts of an interrupted earlier run and writes one predictions file, equal to a single
+process's."""
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import sys
 import portpicker
 import pytest
 
-from tests.eval.test_cli import COMMON, NUM_TEST, ROOT, read_jsonl, run_cli, shared_setup
+from tests.eval.test_cli import COMMON, NUM_TEST, ROOT, make_orbax_workdir, read_jsonl, run_cli, shared_setup
 from vt_jax.eval import runner
 
 TIMEOUT_S = 300
@@ -48,19 +49,20 @@ def _two_processes(args, tmp_path, cache_dir):
 
 
 def test_two_processes_share_the_items_and_write_one_predictions_file(setup, tmp_path):
-  paths, model_dir, _ = setup
+  paths, _, _ = setup
+  model_dir = str(make_orbax_workdir(setup, tmp_path / "run"))  # its training config: 8 frames
   cache = tmp_path / "jax_cache"
   args = lambda out: ["--model", model_dir, "--benchmark", "synthetic", "--data_dir", paths.root, "--out", str(out),
                       "--batch_size", "2", *COMMON]
   single = run_cli("vt_jax.eval", *args(tmp_path / "single"), cache_dir=cache)
   assert single.returncode == 0, single.stderr[-2000:]
-  want = {p["id"]: p for p in read_jsonl(tmp_path / "single" / "synthetic_16f" / "predictions.jsonl")}
+  want = {p["id"]: p for p in read_jsonl(tmp_path / "single" / "synthetic_8f" / "predictions.jsonl")}
   assert len(want) == NUM_TEST
 
   # An interrupted earlier run: one item in predictions.jsonl, one in the part file of a 3-process run.
-  run_dir = tmp_path / "multi" / "synthetic_16f"
+  run_dir = tmp_path / "multi" / "synthetic_8f"
   run_dir.mkdir(parents=True)
-  shutil.copy(tmp_path / "single" / "synthetic_16f" / runner.RUN_FILE, run_dir / runner.RUN_FILE)
+  shutil.copy(tmp_path / "single" / "synthetic_8f" / runner.RUN_FILE, run_dir / runner.RUN_FILE)
   first, second = list(want.values())[:2]
   (run_dir / runner.PREDICTIONS_FILE).write_text(json.dumps(first) + "\n")
   (run_dir / runner.PART_FILE.format(index=1, count=3)).write_text(json.dumps(second) + "\n")
