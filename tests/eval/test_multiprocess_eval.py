@@ -5,12 +5,12 @@ process's."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import portpicker
 import pytest
 
+from tests.processes import run_together
 from tests.eval.test_cli import COMMON, NUM_TEST, ROOT, make_orbax_workdir, read_jsonl, run_cli, shared_setup
 from vt_jax.eval import runner
 
@@ -28,24 +28,9 @@ def _two_processes(args, tmp_path, cache_dir):
   env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  procs, logs = [], []
-  for pid in range(2):
-    logs.append(tmp_path / f"process_{pid}.log")
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "vt_jax.eval", *args, "--coordinator_address", f"127.0.0.1:{port}",
-         "--num_processes", "2", "--process_id", str(pid)],
-        cwd=ROOT, env=env, stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT))
-  try:
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail(f"two-process evaluation timed out after {TIMEOUT_S}s; logs in {tmp_path}")
-  texts = [log.read_text() for log in logs]
-  for pid, p in enumerate(procs):
-    assert p.returncode == 0, f"process {pid} exited with {p.returncode}:\n{texts[pid][-4000:]}"
-  return texts
+  commands = [[sys.executable, "-m", "vt_jax.eval", *args, "--coordinator_address", f"127.0.0.1:{port}",
+               "--num_processes", "2", "--process_id", str(pid)] for pid in range(2)]
+  return run_together(commands, env, [tmp_path / f"process_{pid}.log" for pid in range(2)], TIMEOUT_S)
 
 
 def test_two_processes_share_the_items_and_write_one_predictions_file(setup, tmp_path):

@@ -3,15 +3,15 @@ log the same run as one process driving the same mesh shape."""
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import portpicker
-import pytest
 
 from vt_jax.train import distributed, metrics as metrics_lib, trainer
+
+from tests.processes import run_together
 
 from . import train_fixtures as F
 
@@ -26,29 +26,10 @@ def _launch(workdir, per_run, tmp_path, tag, extra=()):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(F.CACHE_ENV)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  procs, outs, logs = [], [], []
-  for pid in range(2):
-    out = str(tmp_path / f"{tag}_result_{pid}.json")
-    log = open(tmp_path / f"{tag}_log_{pid}.txt", "w")
-    procs.append(subprocess.Popen([sys.executable, WORKER, str(pid), "2", str(port), workdir, str(per_run), out,
-                                   *extra],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-    outs.append(out)
-    logs.append(log)
-  try:
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail(f"two-process run timed out after {TIMEOUT_S}s; logs in {tmp_path}")
-  finally:
-    for log in logs:
-      log.close()
-  for pid, p in enumerate(procs):
-    if p.returncode != 0:
-      text = (tmp_path / f"{tag}_log_{pid}.txt").read_text()
-      pytest.fail(f"process {pid} exited with {p.returncode}:\n{text[-4000:]}")
+  outs = [str(tmp_path / f"{tag}_result_{pid}.json") for pid in range(2)]
+  commands = [[sys.executable, WORKER, str(pid), "2", str(port), workdir, str(per_run), outs[pid], *extra]
+              for pid in range(2)]
+  run_together(commands, env, [tmp_path / f"{tag}_log_{pid}.txt" for pid in range(2)], TIMEOUT_S)
   return [json.load(open(o)) for o in outs]
 
 
