@@ -8,9 +8,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_together(commands, env, logs, timeout_s: float) -> list[str]:
+def run_together(commands, env, logs, timeout_s: float, expect_returncode: int = 0) -> list[str]:
   """Starts every command at once (from the repo root, output into its log file), waits for all of them,
-  and fails the test if one runs past `timeout_s` (all are killed) or exits non-zero. Returns the logs."""
+  and fails the test if one runs past `timeout_s` (all are killed) or exits with another code than
+  `expect_returncode`. Returns the logs."""
   procs, files = [], []
   try:
     for command, log in zip(commands, logs, strict=True):
@@ -27,6 +28,6 @@ def run_together(commands, env, logs, timeout_s: float) -> list[str]:
       f.close()
   texts = [open(log).read() for log in logs]
   for i, p in enumerate(procs):
-    if p.returncode != 0:
-      pytest.fail(f"process {i} exited with {p.returncode}:\n{texts[i][-4000:]}")
+    if p.returncode != expect_returncode:
+      pytest.fail(f"process {i} exited with {p.returncode}, not {expect_returncode}:\n{texts[i][-4000:]}")
   return texts

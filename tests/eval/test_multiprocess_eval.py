@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
   return shared_setup(tmp_path_factory)
 
 
-def _two_processes(args, tmp_path, cache_dir):
+def _two_processes(args, tmp_path, cache_dir, expect_returncode=0):
   port = portpicker.pick_unused_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -30,7 +30,8 @@ def _two_processes(args, tmp_path, cache_dir):
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   commands = [[sys.executable, "-m", "vt_jax.eval", *args, "--coordinator_address", f"127.0.0.1:{port}",
                "--num_processes", "2", "--process_id", str(pid)] for pid in range(2)]
-  return run_together(commands, env, [tmp_path / f"process_{pid}.log" for pid in range(2)], TIMEOUT_S)
+  return run_together(commands, env, [tmp_path / f"process_{pid}.log" for pid in range(2)], TIMEOUT_S,
+                      expect_returncode)
 
 
 def test_two_processes_share_the_items_and_write_one_predictions_file(setup, tmp_path):
@@ -66,3 +67,13 @@ def test_two_processes_share_the_items_and_write_one_predictions_file(setup, tmp
   assert all(f"of 2: 2 of the {NUM_TEST - 2} items to do" in log for log in logs)
   assert "accuracy" in logs[0] and "accuracy" not in logs[1]
   assert (tmp_path / "multi" / "comparison.md").exists()
+
+  # A directory holding another run's predictions: process 0 refuses it, and process 1 stops with it
+  # instead of waiting for the others.
+  other = tmp_path / "other" / "synthetic_8f"
+  other.mkdir(parents=True)
+  (other / runner.RUN_FILE).write_text(json.dumps({"benchmark": "synthetic", "model": "another", "nframes": 8,
+                                                    "options": {}}))
+  logs = _two_processes(args(tmp_path / "other"), tmp_path, cache, expect_returncode=2)
+  assert "holds predictions made with" in logs[0]
+  assert "process 0 refused" in logs[1] and "holds predictions made with" in logs[1]

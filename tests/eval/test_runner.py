@@ -126,6 +126,27 @@ def test_resume_after_crash_gives_same_metrics(bench, tmp_path):
   assert again.calls == []
 
 
+def test_parts_of_an_interrupted_multiprocess_run_are_merged(bench, tmp_path):
+  """A single-process rerun folds in the part files a multi-process run left (a record already in
+  predictions.jsonl is kept once, a half-written last line is dropped), deletes them, and generates only
+  the rest."""
+  reference = run_eval(bench, Scripted(), str(tmp_path / "full"), batch_size=2, progress=False)
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / runner.RUN_FILE).write_text((tmp_path / "full" / runner.RUN_FILE).read_text())
+  records = {l["id"]: json.dumps(l) for l in _lines(tmp_path / "full")}
+  (out / runner.PREDICTIONS_FILE).write_text(records["vid_a_1"] + "\n")
+  (out / runner.PART_FILE.format(index=0, count=2)).write_text(records["vid_a_1"] + "\n" + records["vid_gone_6"] + "\n")
+  (out / runner.PART_FILE.format(index=1, count=2)).write_text(records["vid_b_3"] + "\n" + records["vid_a_2"][:30])
+  gen = Scripted()
+  resumed = run_eval(bench, gen, str(out), batch_size=2, progress=False)
+  assert gen.calls == [["vid_a_2", "vid_b_4"], ["vid_bad_5"]]
+  assert [l["id"] for l in _lines(out)][:3] == ["vid_a_1", "vid_gone_6", "vid_b_3"]
+  assert sorted(l["id"] for l in _lines(out)) == sorted(it.id for it in bench)
+  assert not list(out.glob("predictions.part-*"))
+  assert resumed["metrics"] == reference["metrics"]
+
+
 def test_item_errors_retry_one_by_one(bench, tmp_path):
   with pytest.raises(VideoUnreadable):
     run_eval(bench, Scripted(raise_on_bad=True), str(tmp_path / "a"), batch_size=3, progress=False)

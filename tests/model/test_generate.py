@@ -195,3 +195,12 @@ def test_decode_weights_give_the_same_logits(dtype, tie):
     for got_kv, want_kv in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
       np.testing.assert_allclose(np.stack([np.asarray(a, np.float32) for a in got_kv]),
                                  np.asarray(want_kv, np.float32), rtol=tol, atol=tol, err_msg=name)
+  if dtype == jnp.bfloat16:
+    # Both bf16 paths slice the cache and weights through their bits (`layers.to_bits`): against the same
+    # weights in fp32, where nothing is bit-cast, they agree to bf16 precision.
+    fp32 = Qwen25VL(config, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.float32)
+    nnx.update(fp32, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(model, nnx.Param)))
+    cache32 = fp32.init_cache(b, prompt_len + steps)
+    _, cache32 = nnx.jit(lambda m, c: m.prefill(c, ids, positions, segments))(fp32, cache32)
+    ref, _ = run(fp32, cache32, None)
+    np.testing.assert_allclose(np.asarray(want), np.asarray(ref), atol=0.05 * float(np.abs(ref).max()))
