@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model_config", help="preset name or HF config dir, for an orbax step dir without its workdir")
   p.add_argument("--param_dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-  p.add_argument("--mesh", default="1,-1,1", help="DATA,FSDP,TENSOR device mesh")
+  p.add_argument("--mesh", default="auto", help="DATA,FSDP,TENSOR device mesh, or auto (model_io.generation_mesh)")
   return p
 
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
   from vt_jax.eval import html as html_lib, model_io  # only now: jax takes seconds to import
   try:
     loaded = model_io.load_model(args.model, tokenizer=args.tokenizer, model_config=args.model_config,
-                                 mesh=model_io.make_mesh(args.mesh), param_dtype=args.param_dtype, dtype=args.dtype)
+                                 mesh=args.mesh, param_dtype=args.param_dtype, dtype=args.dtype)
   except (model_io.ModelLoadError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

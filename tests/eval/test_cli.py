@@ -257,3 +257,17 @@ def test_buckets_and_tokenizer_check(setup):
   with pytest.raises(model_io.ModelLoadError, match="video_token_id"):
     model_io.check_tokenizer(tokenizer, C.get_config("tiny"), "here")
   assert model_io.check_tokenizer(tokenizer, model.config, "here").video_pad == model.config.video_token_id
+
+
+def test_generation_mesh(monkeypatch):
+  """`--mesh auto`: params over the largest tensor axis that divides the devices, the heads and every
+  tensor-sharded dim, replicated over data; over fsdp instead when a tensor shard would fill more than
+  half a device."""
+  devices = jax.devices()  # 8 fake CPU devices
+  shape = lambda config, n: tuple(model_io.generation_mesh(C.get_config(config), jnp.bfloat16, devices[:n]).shape.values())
+  assert shape("tiny", 8) == (4, 1, 2)   # 2 kv heads
+  assert shape("7b", 8) == (2, 1, 4)     # 4 kv heads; the vision MLP's 3,420 does not split 8 ways
+  assert shape("7b", 4) == (1, 1, 4)
+  assert shape("7b", 1) == (1, 1, 1)
+  monkeypatch.setattr(model_io, "device_memory", lambda device: 4 << 30)  # 7B bf16 / 4 = 3.9 GB > 2 GiB
+  assert shape("7b", 8) == (1, 2, 4)

@@ -173,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model_config", help="preset name or HF config dir, for an orbax step dir without its workdir")
   p.add_argument("--param_dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
-  p.add_argument("--mesh", default="1,-1,1",
-                 help="DATA,FSDP,TENSOR mesh over this process's devices (-1: the remaining devices)")
+  p.add_argument("--mesh", default="auto",
+                 help="DATA,FSDP,TENSOR mesh over this process's devices (-1: the remaining devices), or auto: "
+                      "params over the largest tensor axis that divides them, replicated over data "
+                      "(model_io.generation_mesh)")
   p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process runs off TPU pods)")
   p.add_argument("--num_processes", type=int, help="number of processes (multi-process runs off TPU pods)")
   p.add_argument("--process_id", type=int, help="this process's index (multi-process runs off TPU pods)")
@@ -258,10 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       log.info("%s: %d items from %s (videos under %s)", name, len(items), ann, root)
       loaded_items.append((name, ann, items))
     t0 = time.perf_counter()
-    import jax
-    mesh = model_io.make_mesh(args.mesh, devices=jax.local_devices())
     loaded = model_io.load_model(args.model, tokenizer=args.tokenizer, model_config=args.model_config,
-                                 mesh=mesh, param_dtype=args.param_dtype, dtype=args.dtype)
+                                 mesh=args.mesh, param_dtype=args.param_dtype, dtype=args.dtype)
     log.info("model %s loaded in %.1f s", loaded.name, time.perf_counter() - t0)
   except (UsageError, benchmarks.BenchmarkFormatError, model_io.ModelLoadError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -189,6 +189,46 @@ def make_mesh(shape: str | Sequence[int] | None = None, devices: Sequence[jax.De
   return S.make_mesh(*sizes, devices=devices)
 
 
+def generation_mesh(config: ModelConfig, param_dtype=jnp.bfloat16,
+                    devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The mesh to generate on (`--mesh auto`): the params split over the largest tensor axis (8, 4, 2 or 1)
+  that divides the device count, the attention and kv heads, and every dim the model shards over it (MLP,
+  vocabulary), and replicated over data on the remaining devices. Each decoded token then reads 1/tensor of the
+  weights per chip, where FSDP gathers all of them: 7B, bf16, 8 rows, the paper's decoding, est. ms per
+  token on one v5p host (4 chips) 19.1 over fsdp=4, 9.3 over data=4, 3.6 over tensor=4; on a v5e host
+  (8 chips) 66.6 over fsdp=8, 39.4 over fsdp=2 x tensor=4, 9.0 over data=2 x tensor=4 (the TPU
+  compiler's estimates, `benchmarks/tpu_cost_eval_decode.py`). The remaining devices go to fsdp instead of data when the params split over
+  tensor alone would fill more than half a device's memory.
+  devices: default this process's."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  abstract = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=param_dtype,
+                                             rules=S.LOGICAL_RULES))
+  params = nnx.state(abstract, nnx.Param)
+  specs = jax.tree.leaves(S.param_specs(params, S.LOGICAL_RULES, S.MESH_AXES),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  leaves = jax.tree.leaves(params)
+  split_dims = [size for leaf, spec in zip(leaves, specs, strict=True) for size, entry in zip(leaf.shape, spec)
+                if entry == "tensor" or (isinstance(entry, tuple) and "tensor" in entry)]
+  heads = (config.text.num_attention_heads, config.text.num_key_value_heads, config.vision.num_heads)
+  n = len(devices)
+  tensor = next(t for t in (8, 4, 2, 1) if n % t == 0 and all(h % t == 0 for h in heads) and
+                all(size % t == 0 for size in split_dims))
+  rest = n // tensor
+  limit = device_memory(devices[0])
+  param_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+  data, fsdp = (1, rest) if limit and param_bytes / tensor > limit / 2 else (rest, 1)
+  return S.make_mesh(data, fsdp, tensor, devices=devices)
+
+
+def device_memory(device: jax.Device) -> int | None:
+  """Bytes a device's programs may use (TPU / GPU), None where unknown (CPU, compile-only devices)."""
+  try:
+    stats = device.memory_stats()
+  except (AttributeError, jax.errors.JaxRuntimeError):  # compile-only devices have none
+    stats = None
+  return (stats or {}).get("bytes_limit")
+
+
 def _read_train_config(workdir: str) -> dict:
   file = os.path.join(workdir, TRAIN_CONFIG)
   try:
@@ -275,9 +315,10 @@ def _abstract_params(config: ModelConfig, mesh, param_dtype, dtype, attention: s
 
 
 def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
-               model_config: str | ModelConfig | None = None, mesh: jax.sharding.Mesh | None = None,
+               model_config: str | ModelConfig | None = None, mesh: jax.sharding.Mesh | str = "auto",
                param_dtype: str = "bfloat16", dtype: str = "bfloat16", attention: str = "auto") -> LoadedModel:
-  """Loads a model + tokenizer for generation, params sharded over `mesh` (default: all devices).
+  """Loads a model + tokenizer for generation, params sharded over `mesh`: a Mesh, "auto" (default:
+  `generation_mesh` over this process's devices) or a shape like "1,-1,1" over them (`make_mesh`).
 
   path: a Hugging Face directory (config.json + safetensors + tokenizer files), a `vt_jax.convert import`
     directory (config.json + params/), or an orbax training checkpoint: a `vt_jax.train` workdir, its
@@ -294,11 +335,19 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
     if value not in DTYPES:
       raise ValueError(f"{name}={value!r}: use one of {sorted(DTYPES)}")
   loc = locate_checkpoint(path)
-  mesh = mesh or make_mesh()
   train_cfg = None
+
+  def on_mesh(config: ModelConfig) -> jax.sharding.Mesh:
+    if isinstance(mesh, jax.sharding.Mesh):
+      return mesh
+    if mesh == "auto":
+      return generation_mesh(config, DTYPES[param_dtype])
+    return make_mesh(mesh, devices=jax.local_devices())
+
   if loc.kind == "hf":
     from vt_jax.model import hf_io  # local import: pulls safetensors readers
     config = _resolve_model_config(model_config) if model_config is not None else config_lib.load_config(loc.path)
+    mesh = on_mesh(config)
     model = hf_io.from_pretrained(loc.path, mesh=mesh, param_dtype=DTYPES[param_dtype], dtype=DTYPES[dtype],
                                   attention=attention, config=config)
     tokenizer_src = tokenizer if tokenizer is not None else loc.path
@@ -310,6 +359,7 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
         not os.path.isfile(os.path.join(loc.path, "tokenizer_config.json")):
       raise ModelLoadError(f"--model {loc.path}: a converted checkpoint has no tokenizer files; pass --tokenizer "
                            "DIR (e.g. the Hugging Face directory it was imported from)")
+    mesh = on_mesh(config_lib.load_config(loc.path))
     model = convert.load_native(loc.path, mesh=mesh, param_dtype=DTYPES[param_dtype], dtype=DTYPES[dtype],
                                 attention=attention)
     config = model.config
@@ -326,6 +376,7 @@ def load_model(path: str | os.PathLike, *, tokenizer: str | Any | None = None,
       raise ModelLoadError(
           f"--model {loc.path}: orbax checkpoint {loc.step_dir} has no training config.json beside it; "
           "name the model with --model_config PRESET_OR_HF_DIR")
+    mesh = on_mesh(config)
     graphdef, params_like, rest = _abstract_params(config, mesh, DTYPES[param_dtype], DTYPES[dtype], attention)
     try:
       params = ckpt_lib.restore_params(loc.step_dir, params_like)
