@@ -120,7 +120,7 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[EvalItem], out_dir: str
   if process.count > 1 and any(d.process_index != jax.process_index() for d in loaded.mesh.devices.flat):
     raise ValueError(f"evaluate(): the model's mesh {dict(loaded.mesh.shape)} spans several processes; with "
                      f"{process.count} processes each evaluates its share of the items on a replica over its own "
-                     "devices: load it on model_io.make_mesh(devices=jax.local_devices())")
+                     "devices: load it on model_io.generation_mesh(config) (this process's devices)")
   if sampling is None:
     sampling = loaded.default_sampling(nframes, benchmark or (items[0].benchmark if items else None))
   elif nframes is not None:
