@@ -1,4 +1,5 @@
-"""The CPU-only backward rules (`layers._matmul_cpu`, `layers._swiglu_cpu`) give autodiff's gradients."""
+"""The CPU-only backward rules (`layers._matmul_cpu`, `layers._swiglu_cpu`, the embedding gather through bits)
+give autodiff's gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +59,20 @@ def test_swiglu_cpu_backward_equals_autodiff(dtype):
     assert x.dtype == y.dtype
     np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol)
   np.testing.assert_array_equal(np.asarray(layers.gated("silu", a, b)), np.asarray(jax.nn.silu(a) * b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embedding_gather_through_bits_keeps_its_gradient(dtype):
+  """On CPU a 16-bit table is gathered as its uint16 bits (`text._take_rows_as_bits`); the gradient is the
+  gather's (bits alone would have none): each row gets the sum of the cotangents of the tokens that read it."""
+  from vt_jax.model import config as C, text  # pylint: disable=import-outside-toplevel
+  cfg = C.get_config("tiny").text
+  graphdef, state = nnx.split(text.TextDecoder(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype))
+  ids = jnp.asarray([[1, 2, 2, 5], [5, 0, 2, 7]])
+  weights = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, cfg.hidden_size)), jnp.float32)
+  loss = lambda st: (nnx.merge(graphdef, st).embed(ids).astype(jnp.float32) * weights).sum()
+  got = np.asarray(jax.grad(loss)(state)["embed_tokens"][...], np.float32)
+  want = np.zeros_like(got)
+  np.add.at(want, np.asarray(ids).reshape(-1), np.asarray(weights).reshape(-1, cfg.hidden_size))
+  tol = 0 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(got, want.astype(np.dtype(dtype)).astype(np.float32), rtol=tol, atol=tol)

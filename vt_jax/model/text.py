@@ -68,6 +68,25 @@ class DecoderLayer(nnx.Module):
     return self.finish(x, out, rules)
 
 
+@jax.custom_vjp
+def _take_rows_as_bits(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """`jnp.take(table, ids, axis=0)`, a 16-bit table gathered as its bits (`to_bits`: XLA:CPU converted the
+  whole table to fp32 for it), with the gather's own gradient (bits have none)."""
+  return from_bits(jnp.take(to_bits(table), ids, axis=0), table.dtype)
+
+
+def _take_rows_fwd(table, ids):
+  return _take_rows_as_bits(table, ids), (table, ids)
+
+
+def _take_rows_bwd(res, g):
+  table, ids = res
+  return jnp.zeros_like(table).at[ids].add(g.astype(table.dtype)), None
+
+
+_take_rows_as_bits.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 @flax.struct.dataclass
 class KVCache:
   """Static-size KV cache shared by a batch of right-padded prompts.
@@ -120,10 +139,8 @@ class TextDecoder(nnx.Module):
     # Gather from a table whose hidden dim is whole (only vocab stays sharded): gathering from the
     # fsdp-sharded hidden dim into batch-sharded activations would make XLA replicate the result.
     table = constrain(self.embed_tokens[...], ("vocab", None), self.rules)
-    if current_platform() == "cpu":  # a 16-bit table is gathered as its bits: see `to_bits`
-      x = from_bits(jnp.take(to_bits(table), input_ids, axis=0), table.dtype).astype(self.dtype)
-    else:
-      x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
+    take = _take_rows_as_bits if current_platform() == "cpu" else lambda t, ids: jnp.take(t, ids, axis=0)
+    x = take(table, input_ids).astype(self.dtype)
     return constrain(x, ACT, self.rules)
 
   def rotary(self, positions):
