@@ -31,3 +31,13 @@ def test_without_rl_split_grpo_uses_the_traced_questions(tmp_path):
   cfg = _small(grpo_demo.get_config(), tmp_path / "data", num_rl=0)
   data = demo.prepare_synthetic(cfg, str(tmp_path))
   assert data.rl_json is None and cfg.data.train_files == data.train_json
+
+
+def test_the_demo_refuses_several_processes(monkeypatch):
+  """Its evaluator is single-process (process-local inputs, every process would write the same files): with
+  several processes the demo stops before training, naming what to run instead."""
+  import jax
+  import pytest
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="python -m vt_jax.eval"):
+    demo.Evaluator(grpo_demo.get_config(), None, None, None)

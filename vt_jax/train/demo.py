@@ -131,6 +131,12 @@ class Evaluator:
   """Accuracy and format-following of a model on a synthetic split, through `vt_jax.eval.runner`."""
 
   def __init__(self, config, data: SyntheticData, graphdef, model_cfg, *, split: str = "test"):
+    if jax.process_count() > 1:
+      # Its greedy decoder feeds process-local arrays and reads whole outputs, and every process would
+      # write the same predictions: a single-process evaluator, refused before any training starts.
+      raise ValueError(f"the demo (its evaluation) runs in one process, not {jax.process_count()}: on several "
+                       "hosts train with --config=sft / grpo on your data and evaluate the checkpoints with "
+                       "python -m vt_jax.eval (a model replica per host)")
     from vt_jax.data import packing, prompts, sequences, synth_tokenizer, video  # pylint: disable=g-import-not-at-top
     from vt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     from vt_jax.eval import benchmarks  # pylint: disable=g-import-not-at-top
