@@ -318,6 +318,9 @@ def test_impossible_config_fails_cleanly_in_the_compiler():
   # compiler's 512 GiB is mostly gradients and gathered weights, i.e. temporaries.
   assert "Arguments (params, optimiser state, batch) are 128.00 GiB of it (25%)" in message
   assert "temporaries is the largest term" in message and "remat" in message
+  # Each lever names the setting that pulls it.
+  assert all(setting in message for setting in ("model.remat=full", "train.microbatches", "train.logprob_chunk",
+                                                "model.attention=auto"))
 
 
 def test_over_budget_names_the_overflowing_term_and_levers():
@@ -348,6 +351,9 @@ def test_activation_overflow_suggests_remat_and_donation():
     dr.dry_run(mlp_step, args, topology="v5p:2x2x1", hbm_fraction=0.0005)
   message = str(err.value)
   assert "temporaries is the largest term" in message and "remat" in message
+  # Each lever names the setting that pulls it.
+  assert all(setting in message for setting in ("model.remat=full", "train.microbatches", "train.logprob_chunk",
+                                                "model.attention=auto"))
   assert "donate the train state" in message  # new params are not written over the old
   # check_fit=False hands back the report instead of raising.
   report = dr.dry_run(mlp_step, args, topology="v5p:2x2x1", hbm_fraction=0.0005, check_fit=False)

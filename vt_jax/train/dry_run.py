@@ -258,17 +258,18 @@ def _levers(largest: str, memory: MemoryTerms | None, mesh_shape: Mapping[str, i
   fsdp = mesh_shape.get("fsdp", 1)
   by_term = {
       "arguments": [
-          f"shard params and optimiser state over more chips (fsdp axis is {fsdp}; move "
-          f"data/tensor devices onto fsdp, or use a bigger slice)",
-          "keep the frozen reference model and the params in bf16; optimiser moments in bf16",
-          "smaller global batch per step (the batch is an argument too)"],
+          f"shard params and optimiser state over more chips (the fsdp axis is {fsdp}: move data/tensor "
+          f"devices onto it with --config.mesh.*, or use a bigger slice)",
+          "GRPO: keep the frozen reference model in bf16 (grpo.reference_dtype=bfloat16) or drop it "
+          "(grpo.beta=0)",
+          "a smaller global batch per step (train.global_batch: the batch is an argument too)"],
       "temporaries": [
-          "remat: recompute decoder/vision layer activations in the backward pass "
-          "(remat policy 'full' or 'dots_saveable')",
-          "fewer tokens per device: smaller per-device batch or a shorter sequence bucket",
-          "chunked log-probs (never the fp32 [batch, seq, vocab] logits at once)",
-          "shard activations along the sequence when rows are long",
-          "splash/cuDNN attention instead of XLA (no [seq, seq] scores)"],
+          "remat: recompute layer activations in the backward pass (model.remat=full; dots_no_batch keeps "
+          "the weight matmuls' outputs)",
+          "fewer tokens per device at once: more gradient-accumulation steps (train.microbatches), a "
+          "smaller global batch, or a shorter row (data.seq_len)",
+          "smaller LM-head chunks (train.logprob_chunk: never the fp32 [batch, seq, vocab] logits at once)",
+          "splash/cuDNN attention instead of XLA (model.attention=auto: no [seq, seq] scores)"],
       "outputs": [
           "donate the train state (donate_argnums) so new params/optimiser state overwrite "
           "the old buffers instead of doubling them"],
