@@ -40,6 +40,10 @@ def base_config() -> config_dict.ConfigDict:
   # Windows per window-attention block of the vision tower: "auto" (2 on TPU, so 64-patch windows fill the
   # 128-lane score tiles; 1 elsewhere) or an int as a string ("1"). Exact either way (windows masked by id).
   c.model.windows_per_block = "auto"
+  # Shard the text decoder's residual stream along the sequence over the mesh's tensor axis in training
+  # passes (Megatron-style sequence parallelism; a no-op with tensor=1): saved layer inputs and norms take
+  # 1/tensor of the memory, for long rows.
+  c.model.sequence_parallel = False
   c.model.vocab_size = 0                         # >0: override the vocabulary size (small tokenizers)
   c.model.token_ids = config_dict.ConfigDict()   # override special ids, e.g. eos_token_ids, video_token_id
   # Override fields of the preset's TextConfig / VisionConfig (new models only: a checkpoint's config

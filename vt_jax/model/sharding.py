@@ -36,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
+    ("act_residual_length", None),   # the decoder's residual stream in training: see sequence_parallel_rules
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -48,6 +49,16 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 Rules = Sequence[tuple[str, Any]]
+
+
+def sequence_parallel_rules(rules: Rules | None = None) -> tuple[tuple[str, Any], ...]:
+  """`rules` (default LOGICAL_RULES) with the text decoder's residual stream `[B, L, D]` sharded along L over
+  "tensor" in full-sequence passes (training, scoring): Megatron-style sequence parallelism. What stays
+  between the layers -- the residuals, their norms, and under remat the saved layer inputs -- takes 1/tensor
+  of the memory; XLA gathers L before each layer's projections and reduce-scatters after o_proj and
+  down_proj in place of their all-reduces. Decoding (one token per row) keeps the plain rules."""
+  return tuple((name, "tensor") if name == "act_residual_length" else (name, target)
+               for name, target in (LOGICAL_RULES if rules is None else rules))
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Rules | None = None,

@@ -18,6 +18,9 @@ from vt_jax.model.layers import (Linear, RMSNorm, apply_rotary, constrain, gated
 from vt_jax.model.sharding import CACHE_AXES
 
 ACT = ("act_batch", "act_length", "act_embed")
+# The residual stream between layers in full-sequence passes: sharded along L under sequence parallelism
+# (`sharding.sequence_parallel_rules`), else as ACT.
+RESIDUAL = ("act_batch", "act_residual_length", "act_embed")
 CACHE = CACHE_AXES["k"]  # the stacked k or v cache, `[layers, B, K, S, head_dim]`
 
 
@@ -52,20 +55,21 @@ class DecoderLayer(nnx.Module):
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), rules)
     return q, k, v
 
-  def finish(self, x, attn_out, rules=None):
-    """Residual after attention (attn_out `[B, L, H, hd]`), then the SwiGLU MLP block."""
+  def finish(self, x, attn_out, rules=None, residual=ACT):
+    """Residual after attention (attn_out `[B, L, H, hd]`), then the SwiGLU MLP block; the output is
+    constrained to the logical axes `residual`."""
     b, l = x.shape[:2]
     x = x + self.o_proj(attn_out.reshape(b, l, -1))
     h = self.post_attention_layernorm(x)
     product = gated(self.act, self.gate_proj(h), self.up_proj(h))
     x = x + self.down_proj(constrain(product, ("act_batch", "act_length", "act_mlp"), rules))
-    return constrain(x, ACT, rules)
+    return constrain(x, residual, rules)
 
   def __call__(self, x, cos, sin, segment_ids, rules=None):
     """Full-sequence step (training / scoring): causal within each segment."""
     q, k, v = self.project(x, cos, sin, rules)
     out = attention(q, k, v, segment_ids, segment_ids, causal=True, impl=self.attention_impl)
-    return self.finish(x, out, rules)
+    return self.finish(x, out, rules, residual=RESIDUAL)
 
 
 @jax.custom_vjp
@@ -153,7 +157,7 @@ class TextDecoder(nnx.Module):
     def body(layer, x, _):
       return layer(x, cos, sin, segment_ids, self.rules), None
 
-    x, _ = scan_layers(self.layers, body, x, remat=self.remat)
+    x, _ = scan_layers(self.layers, body, constrain(x, RESIDUAL, self.rules), remat=self.remat)
     return self.norm(x)
 
   def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:

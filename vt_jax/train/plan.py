@@ -77,9 +77,10 @@ def abstract_model_on(task: trainer.Task, mesh: Mesh, param_dtype=None):
   kwargs = sft._model_kwargs(task.config)  # pylint: disable=protected-access  # the trainer's model arguments
   model_cfg = task.model_config()
   # Built outside the mesh context (as sharding.create_model does): logical names are not mesh axes.
-  abstract = nnx.eval_shape(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(0), rules=msh.LOGICAL_RULES, **kwargs))
+  rules = sft.model_rules(task.config)
+  abstract = nnx.eval_shape(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(0), rules=rules, **kwargs))
   graphdef, pstate, rstate = nnx.split(abstract, nnx.Param, ...)
-  pshard = nnx.to_pure_dict(msh.param_shardings(pstate, mesh, msh.LOGICAL_RULES))
+  pshard = nnx.to_pure_dict(msh.param_shardings(pstate, mesh, rules))
   cast = lambda dt: param_dtype if param_dtype is not None and jnp.issubdtype(dt, jnp.floating) else dt  # noqa: E731
   params = jax.tree.map(lambda x, s: _sds(x.shape, cast(x.dtype), s), nnx.to_pure_dict(pstate), pshard)
   replicated = NamedSharding(mesh, P())

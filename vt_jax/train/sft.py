@@ -114,17 +114,26 @@ def _model_kwargs(cfg) -> dict:
               windows_per_block=m.get("windows_per_block", "auto"))
 
 
+def model_rules(cfg):
+  """The logical-axis rules of the run's model: the project table, with the decoder's residual stream
+  sharded along the sequence when model.sequence_parallel is set."""
+  from vt_jax.model import sharding  # pylint: disable=g-import-not-at-top
+  if cfg.model.get("sequence_parallel", False):
+    return sharding.sequence_parallel_rules()
+  return sharding.LOGICAL_RULES
+
+
 def abstract_model(cfg, mesh, model_cfg=None):
   """(graphdef, params as ShapeDtypeStructs carrying their shardings, rest) of the run's model, built
   with `nnx.eval_shape`: nothing is allocated (the target for restoring a checkpoint)."""
   from vt_jax.model import sharding  # pylint: disable=g-import-not-at-top
   from vt_jax.model.modeling import Qwen25VL  # pylint: disable=g-import-not-at-top
   model_cfg = model_cfg or resolve_model_config(cfg)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
-    abstract = nnx.eval_shape(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(0), rules=sharding.LOGICAL_RULES,
-                                               **_model_kwargs(cfg)))
+  rules = model_rules(cfg)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(0), rules=rules, **_model_kwargs(cfg)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  shardings = nnx.to_pure_dict(sharding.param_shardings(params, mesh))
+  shardings = nnx.to_pure_dict(sharding.param_shardings(params, mesh, rules))
   params_like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              nnx.to_pure_dict(params), shardings)
   return graphdef, params_like, nnx.to_pure_dict(rest)
@@ -141,16 +150,17 @@ def create_model(cfg, mesh, model_cfg=None) -> nnx.Module:
     if not os.path.isdir(m.hf_dir):
       raise ConfigRequiredError(f"model.hf_dir={m.hf_dir!r} is not a directory")
     # The logical-axis rules must be active while abstract params are built on a mesh.
-    with nnx.logical_axis_rules(sharding.LOGICAL_RULES):
-      return hf_io.from_pretrained(m.hf_dir, mesh=mesh, config=model_cfg, **_model_kwargs(cfg))
+    with nnx.logical_axis_rules(model_rules(cfg)):
+      return hf_io.from_pretrained(m.hf_dir, mesh=mesh, rules=model_rules(cfg), config=model_cfg,
+                                   **_model_kwargs(cfg))
   if m.get("init_checkpoint"):
     graphdef, params_like, rest = abstract_model(cfg, mesh, model_cfg)
     with jax.set_mesh(mesh):
       params = ckpt_lib.restore_params(m.init_checkpoint, params_like)
     logging.info("initialised params from %s", m.init_checkpoint)
     return nnx.merge(graphdef, params, rest)
-  with nnx.logical_axis_rules(sharding.LOGICAL_RULES):
-    return sharding.create_model(model_cfg, mesh, seed=int(cfg.seed), **_model_kwargs(cfg))
+  with nnx.logical_axis_rules(model_rules(cfg)):
+    return sharding.create_model(model_cfg, mesh, model_rules(cfg), seed=int(cfg.seed), **_model_kwargs(cfg))
 
 
 class SFTTask(trainer.Task):
