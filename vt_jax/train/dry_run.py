@@ -269,6 +269,8 @@ def _levers(largest: str, memory: MemoryTerms | None, mesh_shape: Mapping[str, i
           "fewer tokens per device at once: more gradient-accumulation steps (train.microbatches), a "
           "smaller global batch, or a shorter row (data.seq_len)",
           "smaller LM-head chunks (train.logprob_chunk: never the fp32 [batch, seq, vocab] logits at once)",
+          "long rows over a tensor axis: shard the residual stream along the sequence "
+          "(model.sequence_parallel=True)",
           "splash/cuDNN attention instead of XLA (model.attention=auto: no [seq, seq] scores)"],
       "outputs": [
           "donate the train state (donate_argnums) so new params/optimiser state overwrite "
