@@ -63,7 +63,7 @@ def test_swiglu_cpu_backward_equals_autodiff(dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_embedding_gather_through_bits_keeps_its_gradient(dtype):
-  """On CPU a 16-bit table is gathered as its uint16 bits (`text._take_rows_as_bits`); the gradient is the
+  """On CPU a 16-bit table is gathered as its uint16 bits (`layers.take_rows`); the gradient is the
   gather's (bits alone would have none): each row gets the sum of the cotangents of the tokens that read it."""
   from vt_jax.model import config as C, text  # pylint: disable=import-outside-toplevel
   cfg = C.get_config("tiny").text

@@ -244,8 +244,8 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: st
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
   graphdef, state = nnx.split(layers)
-  dtypes = jax.tree.map(lambda a: a.dtype, state)
   if sliced_as_bits:
+    dtypes = jax.tree.map(lambda a: a.dtype, state)
     state = jax.tree.map(to_bits, state)
 
   def step(c, inputs):
@@ -275,6 +275,31 @@ def from_bits(x: jax.Array, dtype) -> jax.Array:
 
 def _is_16bit_float(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """`jnp.take(table, ids, axis=0)`; on CPU a 16-bit table is gathered as its bits (`to_bits`: XLA:CPU
+  converted the whole table to fp32 for the gather), keeping the gather's gradient."""
+  if current_platform() == "cpu" and _is_16bit_float(table.dtype):
+    return _take_rows_as_bits(table, ids)
+  return jnp.take(table, ids, axis=0)
+
+
+@jax.custom_vjp
+def _take_rows_as_bits(table: jax.Array, ids: jax.Array) -> jax.Array:
+  return from_bits(jnp.take(to_bits(table), ids, axis=0), table.dtype)
+
+
+def _take_rows_fwd(table, ids):
+  return _take_rows_as_bits(table, ids), (table, ids)
+
+
+def _take_rows_bwd(res, g):  # the gather's own transpose: bits carry no gradient
+  table, ids = res
+  return jnp.zeros_like(table).at[ids].add(g.astype(table.dtype)), None
+
+
+_take_rows_as_bits.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def constrain(x: jax.Array, axes: Axes, rules) -> jax.Array:

@@ -12,8 +12,8 @@ from flax import nnx
 from vt_jax.model.attention import attention, cache_attention
 from vt_jax.model.config import TextConfig
 from vt_jax.model.platform import current_platform
-from vt_jax.model.layers import (Linear, RMSNorm, apply_rotary, constrain, gated, mrope_cos_sin, normal_init,
-                                 from_bits, param, scan_layers, stack_layers, to_bits,
+from vt_jax.model.layers import (Linear, RMSNorm, apply_rotary, constrain, from_bits, gated, mrope_cos_sin,
+                                 normal_init, param, scan_layers, stack_layers, take_rows, to_bits,
                                  unstacked_states)
 from vt_jax.model.sharding import CACHE_AXES
 
@@ -72,25 +72,6 @@ class DecoderLayer(nnx.Module):
     return self.finish(x, out, rules, residual=RESIDUAL)
 
 
-@jax.custom_vjp
-def _take_rows_as_bits(table: jax.Array, ids: jax.Array) -> jax.Array:
-  """`jnp.take(table, ids, axis=0)`, a 16-bit table gathered as its bits (`to_bits`: XLA:CPU converted the
-  whole table to fp32 for it), with the gather's own gradient (bits have none)."""
-  return from_bits(jnp.take(to_bits(table), ids, axis=0), table.dtype)
-
-
-def _take_rows_fwd(table, ids):
-  return _take_rows_as_bits(table, ids), (table, ids)
-
-
-def _take_rows_bwd(res, g):
-  table, ids = res
-  return jnp.zeros_like(table).at[ids].add(g.astype(table.dtype)), None
-
-
-_take_rows_as_bits.defvjp(_take_rows_fwd, _take_rows_bwd)
-
-
 @flax.struct.dataclass
 class KVCache:
   """Static-size KV cache shared by a batch of right-padded prompts.
@@ -143,8 +124,7 @@ class TextDecoder(nnx.Module):
     # Gather from a table whose hidden dim is whole (only vocab stays sharded): gathering from the
     # fsdp-sharded hidden dim into batch-sharded activations would make XLA replicate the result.
     table = constrain(self.embed_tokens[...], ("vocab", None), self.rules)
-    take = _take_rows_as_bits if current_platform() == "cpu" else lambda t, ids: jnp.take(t, ids, axis=0)
-    x = take(table, input_ids).astype(self.dtype)
+    x = take_rows(table, input_ids).astype(self.dtype)
     return constrain(x, ACT, self.rules)
 
   def rotary(self, positions):
@@ -199,9 +179,18 @@ class TextDecoder(nnx.Module):
                               q_positions=q_pos, kv_positions=kv_pos, impl=layer.attention_impl)
       return layer.finish(x, out, self.rules), out_cache
 
+    def put(layer_cache, new):
+      """The T new slots into one layer's `[B, K, S, hd]` cache at the write index (through the bits of a
+      16-bit cache on CPU, see `to_bits`)."""
+      bits = current_platform() == "cpu"
+      new = new.astype(layer_cache.dtype)
+      updated = jax.lax.dynamic_update_slice(to_bits(layer_cache) if bits else layer_cache,
+                                             to_bits(new) if bits else new, (0, 0, index, 0))
+      return constrain(from_bits(updated, layer_cache.dtype) if bits else updated, CACHE[1:], self.rules)
+
     if isinstance(cache.k, tuple):
       # Per-layer cache buffers (`KVCache.per_layer`) and params: unrolled, no layer sliced out of a stack
-      # (small preset, bf16, 834 slots: 18.2 -> 16.7 ms per decode step; fp32 22.5 -> 18.7 ms).
+      # (with the bit slicing below, `bench_decode.py`'s small-preset bf16 step at 834 slots went 25.2 -> 17.1 ms).
       graphdef = nnx.graphdef(self.layers)
       states = layer_params if layer_params is not None else unstacked_states(self.layers)
       if len(states) != len(cache.k):
@@ -209,8 +198,6 @@ class TextDecoder(nnx.Module):
       ks, vs = list(cache.k), list(cache.v)
       for i, state in enumerate(states):
         def update(k, v, i=i):
-          put = lambda buf, new: from_bits(jax.lax.dynamic_update_slice(
-              to_bits(buf), to_bits(new.astype(buf.dtype)), (0, 0, index, 0)), buf.dtype)
           ks[i], vs[i] = put(ks[i], k), put(vs[i], v)
           return ks[i], vs[i], None
 
@@ -244,8 +231,6 @@ class TextDecoder(nnx.Module):
       # v5p-64, 12.15 vs 7.33 ms per token).
       def body(layer, x, kv):
         def update(k, v):
-          put = lambda layer_cache, new: constrain(jax.lax.dynamic_update_slice(
-              layer_cache, new.astype(layer_cache.dtype), (0, 0, index, 0)), CACHE[1:], self.rules)
           k_layer, v_layer = put(kv[0], k), put(kv[1], v)
           return k_layer, v_layer, (k_layer, v_layer)
 

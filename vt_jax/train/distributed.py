@@ -234,8 +234,7 @@ def barrier(name: str, timeout_s: float = 900) -> None:
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  # no public barrier with a timeout
-  client = jax_distributed.global_state.client
+  client = _coordination_client(required=False)
   if client is None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
@@ -243,10 +242,12 @@ def barrier(name: str, timeout_s: float = 900) -> None:
   client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
-def _coordination_client():
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  # no public key-value API
+def _coordination_client(required: bool = True):
+  """jax.distributed's coordination-service client (no public API exposes its barrier with a timeout or
+  its key-value store); None where there is none and `required` is False."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   client = jax_distributed.global_state.client
-  if client is None:
+  if client is None and required:
     raise RuntimeError(f"{jax.process_count()} processes but no jax.distributed client: call "
                        "vt_jax.train.distributed.initialize() first")
   return client
