@@ -9,8 +9,10 @@ Video-Thinker's sampling; samples are spread over 1 or 2 worker processes (each 
 cores / workers threads for OpenCV and torch) and their pixel_values are sent back to the parent,
 as a data loader would. Pipelines, side by side in the same run:
 
-  ours        load_video: OpenCV decode of only the sampled frames (seek / grab chosen per gap by
-              the online cost model), exact bicubic-antialias resize (scipy sparse), patchify.
+  ours        load_video: OpenCV decode of only what the sampled frames need (H.264: the
+              reference pictures they depend on, from one demux pass, see `_plan_h264_refs`;
+              other codecs: seek / grab chosen per gap by the online cost model), exact
+              bicubic-antialias resize (scipy sparse), patchify.
   ours-opencv the same with cv2 resize (INTER_AREA), the fast approximate option.
   reference   what qwen-vl-utils does when it has no decord: decode the whole stream up to the
               last sampled frame (torchvision.io.read_video decodes everything; here OpenCV grab()s
@@ -18,8 +20,8 @@ as a data loader would. Pipelines, side by side in the same run:
               HF's rescale/normalise/patchify in torch. qwen-vl-utils itself cannot run here: it
               imports torchvision, which has no build for this torch CPU wheel in our pins.
 
-A second table times decoding 16 frames at fixed gaps with strategy seek / grab / auto, which is
-where `_SeekCostModel`'s crossover claims come from. Results: benchmarks/results/bench_pipeline.{json,md}.
+A second table times decoding 16 frames at fixed gaps with strategy seek / grab / auto (and refs
+for H.264), which is where `_SeekCostModel`'s crossover claims come from. Results: benchmarks/results/bench_pipeline.{json,md}.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ def crossover(path: str, gaps=(2, 8, 16, 32, 64, 128, 256, 336)) -> list[dict]:
     if idx[-1] >= info.total_frames:
       continue
     row = {"video": os.path.basename(path), "gap": int(gap)}
-    for strategy in ("seek", "grab", "auto"):
+    strategies = ("seek", "grab", "auto") + (("refs",) if info.fourcc in V.H264_FOURCCS else ())
+    for strategy in strategies:
       best = float("inf")
       for _ in range(2):
         t0 = time.perf_counter()
@@ -219,9 +222,10 @@ def main() -> int:
     lines.append(f"| {codec} | {p['exact_max']:.4f} | {p['exact_mean']:.2e} | "
                  f"{p['opencv_max']:.4f} | {p['opencv_mean']:.4f} |")
   lines += ["", "Decoding 16 frames spaced `gap` apart (best of 2, ms):", "",
-            "| video | gap | seek | grab | auto |", "|---|---|---|---|---|"]
+            "| video | gap | seek | grab | auto | refs |", "|---|---|---|---|---|---|"]
   for r in results["crossover"]:
-    lines.append(f"| {r['video']} | {r['gap']} | {r['seek_ms']} | {r['grab_ms']} | {r['auto_ms']} |")
+    lines.append(f"| {r['video']} | {r['gap']} | {r['seek_ms']} | {r['grab_ms']} | {r['auto_ms']} | "
+                 f"{r.get('refs_ms', '--')} |")
   with open(os.path.join(args.out, "bench_pipeline.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -244,13 +244,20 @@ def write_mp4v(path, n, fps, h=96, w=128):
   return str(path)
 
 
-def write_pyav(path, n, fps, codec="libx264", h=96, w=128, faststart=False):
+def write_pyav(path, n, fps, codec="libx264", h=96, w=128, faststart=False, x264=None,
+               cuts=False):
+  """x264: x264-params ("keyint=30:open-gop=1"); cuts: invert every 37th frame (scene cuts)."""
   av = pytest.importorskip("av")
   c = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
   s = c.add_stream(codec, rate=fps)
   s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+  if x264:
+    s.options = {"x264-params": x264}
   for i in range(n):
-    for p in s.encode(av.VideoFrame.from_ndarray(_frame(i, h, w), format="rgb24")):
+    img = _frame(i, h, w)
+    if cuts and i % 37 == 20:
+      img = 255 - img
+    for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
       c.mux(p)
   for p in s.encode():
     c.mux(p)
@@ -293,8 +300,76 @@ def test_decode_strategies_agree_and_are_exact(tmp_path):
     every = decode_all(path)
     assert len(every) == 120
     idx = [0, 3, 40, 41, 90, 119, 7, 40]  # unsorted with a repeat
-    for strategy in ("seek", "grab", "auto"):
+    for strategy in ("seek", "grab", "auto") + (("refs",) if path.endswith("h.mp4") else ()):
       np.testing.assert_array_equal(V.decode_frames(path, idx, strategy=strategy), every[idx])
+
+
+def _cut(src, dst, at):
+  """Stream-copy `src` from display rank `at` into `dst` as ffmpeg -ss -c copy does: from the
+  keyframe before `at`, with timestamps shifted so that `at` is 0 (the mp4 muxer then writes an
+  edit list hiding the frames before it)."""
+  av = pytest.importorskip("av")
+  with av.open(src) as i, av.open(dst, "w") as o:
+    si = i.streams.video[0]
+    so = o.add_stream_from_template(si)
+    packets = [p for p in i.demux(si) if p.size]
+    t0 = sorted(p.pts for p in packets)[at]
+    first = max(k for k, p in enumerate(packets) if p.is_keyframe and p.pts <= t0)
+    for p in packets[first:]:
+      p.pts -= t0
+      p.dts -= t0
+      p.stream = so
+      o.mux(p)
+  return dst
+
+
+REFS_STREAMS = {  # x264 settings that change which pictures are references and where IDRs fall
+    "b_pyramid": "keyint=30:min-keyint=30",
+    "open_gop": "keyint=30:open-gop=1",
+    "no_bframes": "bframes=0:keyint=40",
+    "b_not_referenced": "b-pyramid=none:keyint=50",
+    "four_slices": "slices=4:keyint=60",
+    "one_idr": "keyint=1000:scenecut=0",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFS_STREAMS) + ["matroska", "odd_size"])
+def test_refs_decodes_exactly_the_frames_of_the_plain_decode(tmp_path, name):
+  if name == "matroska":
+    path = write_pyav(tmp_path / "v.mkv", 150, 30, x264="keyint=30", cuts=True)
+  elif name == "odd_size":
+    path = write_pyav(tmp_path / "v.mp4", 150, 30, h=90, w=126, x264="keyint=25", cuts=True)
+  else:
+    path = write_pyav(tmp_path / "v.mp4", 150, 30, x264=REFS_STREAMS[name], cuts=True)
+  every = decode_all(path)
+  assert len(every) == 150
+  for idx in ([0, 3, 40, 41, 90, 119, 7, 40, 149], [5, 61, 62, 100], [149]):
+    np.testing.assert_array_equal(V.decode_frames(path, idx, strategy="refs"), every[idx])
+    np.testing.assert_array_equal(V.decode_frames(path, idx, strategy="auto"), every[idx])
+  packets, output = V._plan_h264_refs(path, np.array([0, 40, 100]))
+  assert output == sorted(output) and {0, 40, 100} <= set(output)
+  if name in ("b_pyramid", "b_not_referenced"):  # non-reference B pictures and periods skipped
+    assert len(packets) < 101 // 2
+
+
+def test_refs_declines_streams_it_cannot_map(tmp_path):
+  src = write_pyav(tmp_path / "src.mp4", 150, 30, x264="keyint=30:min-keyint=30", cuts=True)
+  declined = {
+      # A stream-copy cut: the edit list hides the frames between the keyframe and the cut.
+      "cut": _cut(src, str(tmp_path / "cut.mp4"), at=45),
+      # Field-coded pictures: the raw stream converts differently from the container's.
+      "interlaced": write_pyav(tmp_path / "i.mp4", 60, 30, x264="interlaced=1:keyint=30"),
+      "mp4v": write_mp4v(tmp_path / "m.mp4", 60, 30),
+  }
+  assert V._mp4_shows_every_sample(src) and not V._mp4_shows_every_sample(declined["cut"])
+  for name, path in declined.items():
+    every = decode_all(path)
+    if name == "cut":
+      assert len(every) == 105 and np.array_equal(every[0], decode_all(src)[45])
+    idx = [0, 1, 20, len(every) - 1]
+    with pytest.raises(ValueError, match="'refs' does not apply"):
+      V.decode_frames(path, idx, strategy="refs")
+    np.testing.assert_array_equal(V.decode_frames(path, idx, strategy="auto"), every[idx], name)
 
 
 def test_fps_mode_and_window(tmp_path):

@@ -44,6 +44,17 @@ crossover depends on the GOP, which OpenCV does not expose: `_SeekCostModel` tim
 on the stream being read and picks the cheaper per gap (measured crossovers: ~32 frames for mp4v
 with GOP 12, beyond 120 frames for x264's default GOP 250, both 640x360 at 30 fps).
 
+H.264 (most video datasets) is decoded more cheaply still (`_plan_h264_refs`, strategy "refs",
+used by "auto" where it applies): one demux pass in OpenCV's raw mode (packets, no decoding) cuts
+the stream into IDR periods, skips the periods without a wanted frame, and within the others keeps
+only the reference pictures up to the last wanted one (nal_ref_idc > 0) plus the wanted pictures;
+x264's default stream has about half its pictures unreferenced. The kept packets are decoded as a
+raw stream from memory. The frames are bit-identical to the plain decode; where that cannot be
+guaranteed (an edit list hiding frames of a stream-copy cut, timestamps that cannot be ranked, a
+stream not starting with an IDR, a raw decode whose frame 0 differs, e.g. interlaced video) the
+seek / grab path runs instead. 640x360 H.264 (GOP 250), 16 frames from 60 / 120 / 180 s: see
+benchmarks/bench_pipeline.py for the measured times.
+
 Errors are `VideoError` subclasses naming the file and the reason; a frame count that the
 container over-reports (truncated files) is detected when reads fail and, in `load_video`, the
 indices are re-sampled over the frames that really decode (or `TruncatedVideoError` is raised).
@@ -52,8 +63,10 @@ indices are re-sampled over the frames that really decode (or `TruncatedVideoErr
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
+import struct
 import time
 from typing import Literal
 
@@ -489,7 +502,7 @@ def _count_decodable(path: str, info: VideoInfo, known_good: int) -> int:
     cap.release()
 
 
-DecodeStrategy = Literal["auto", "seek", "grab"]
+DecodeStrategy = Literal["auto", "seek", "grab", "refs"]
 
 
 class _SeekCostModel:
@@ -522,6 +535,248 @@ class _SeekCostModel:
   def observe(self, kind: str, seconds: float) -> None:
     old = getattr(self, kind)
     setattr(self, kind, seconds if old is None else 0.7 * old + 0.3 * seconds)
+
+
+# H.264 FourCCs OpenCV reports (container codec tags, or FFmpeg's codec name as a tag).
+H264_FOURCCS = frozenset({"avc1", "AVC1", "avc3", "h264", "H264", "x264", "X264", "davc", "DAVC"})
+# Packet bytes the "refs" plan may hold at once (one IDR period); streams needing more are decoded
+# by the seek/grab path instead.
+REFS_MAX_HELD_BYTES = 256 << 20
+
+
+def _mp4_boxes(f, start: int, end: int):
+  """(type, payload start, box end) of the ISO BMFF boxes in [start, end) of file `f`."""
+  pos = start
+  while pos + 8 <= end:
+    f.seek(pos)
+    size, kind = struct.unpack(">I4s", f.read(8))
+    header = 8
+    if size == 1:
+      size, header = struct.unpack(">Q", f.read(8))[0], 16
+    elif size == 0:
+      size = end - pos
+    if size < header or pos + size > end:
+      return
+    yield kind, pos + header, pos + size
+    pos += size
+
+
+def _mp4_child(f, span: tuple[int, int] | None, kind: bytes) -> tuple[int, int] | None:
+  if span is None:
+    return None
+  for k, start, end in _mp4_boxes(f, *span):
+    if k == kind:
+      return start, end
+  return None
+
+
+def _mp4_shows_every_sample(path: str) -> bool:
+  """Whether an ISO BMFF file displays every sample of its one video track as decoded.
+
+  False where an edit list hides samples (clips cut with stream copy start at the keyframe
+  before the cut and hide the frames up to it; the plain decode does not return them), where
+  the track is fragmented, where a 'colr' box signals colour outside the bitstream (the raw
+  stream `_read_h264_refs` decodes would lose it), or where the file does not parse.
+  """
+  try:
+    with open(path, "rb") as f:
+      size = os.path.getsize(path)
+      moov = _mp4_child(f, (0, size), b"moov")
+      if moov is None or _mp4_child(f, moov, b"mvex") is not None:
+        return False
+      mvhd = _mp4_child(f, moov, b"mvhd")
+      f.seek(mvhd[0])
+      f.seek(mvhd[0] + (20 if f.read(1)[0] == 1 else 12))
+      movie_scale = struct.unpack(">I", f.read(4))[0]
+      tracks = []
+      for kind, start, end in _mp4_boxes(f, *moov):
+        mdia = _mp4_child(f, (start, end), b"mdia") if kind == b"trak" else None
+        hdlr = _mp4_child(f, mdia, b"hdlr")
+        if hdlr is not None and f.seek(hdlr[0] + 8) is not None and f.read(4) == b"vide":
+          tracks.append(((start, end), mdia))
+      if len(tracks) != 1:
+        return False
+      trak, mdia = tracks[0]
+      mdhd = _mp4_child(f, mdia, b"mdhd")
+      f.seek(mdhd[0])
+      v1 = f.read(1)[0] == 1
+      f.seek(mdhd[0] + (20 if v1 else 12))
+      media_scale, media_duration = struct.unpack(">IQ" if v1 else ">II", f.read(12 if v1 else 8))
+      stbl = _mp4_child(f, _mp4_child(f, mdia, b"minf"), b"stbl")
+      stsd = _mp4_child(f, stbl, b"stsd")
+      if stsd is None:
+        return False
+      entry = next(_mp4_boxes(f, stsd[0] + 8, stsd[1]), None)  # the sample entry, e.g. 'avc1'
+      # VisualSampleEntry: 78 bytes of fields before its child boxes.
+      if entry is None or _mp4_child(f, (entry[1] + 78, entry[2]), b"colr") is not None:
+        return False
+      elst = _mp4_child(f, _mp4_child(f, trak, b"edts"), b"elst")
+      if elst is None:
+        return True
+      f.seek(elst[0])
+      v1 = f.read(4)[0] == 1
+      edits = [struct.unpack(">Qq" if v1 else ">Ii", f.read(16 if v1 else 8)) + (f.read(4),)
+               for _ in range(struct.unpack(">I", f.read(4))[0])]
+      edits = [e for e in edits if e[1] != -1]  # empty edits only delay the start
+      if not edits:
+        return True
+      if len(edits) != 1:
+        return False
+      segment, media_time, _ = edits[0]
+      first_cts = 0  # composition offset of sample 0 (an IDR displays first in its period)
+      ctts = _mp4_child(f, stbl, b"ctts")
+      if ctts is not None:
+        f.seek(ctts[0])
+        v1 = f.read(4)[0] == 1
+        if struct.unpack(">I", f.read(4))[0]:
+          first_cts = struct.unpack(">i" if v1 else ">I", f.read(8)[4:])[0]
+      # Hidden head: the edit starts after sample 0 is shown. Hidden tail: it ends early.
+      return media_time <= first_cts and (
+          segment == 0 or segment * media_scale >= (media_duration - media_time) * movie_scale)
+  except (OSError, struct.error, TypeError, IndexError):
+    return False
+
+
+def _refs_container(path: str) -> bool:
+  """Containers whose packets carry presentation timestamps and hide no frames: ISO BMFF (per
+  `_mp4_shows_every_sample`) and Matroska/WebM. AVI, for one, times B-frame streams by decode
+  order, so display indices cannot be ranked from its timestamps."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+  except OSError:
+    return False
+  if head[4:8] == b"ftyp":
+    return _mp4_shows_every_sample(path)
+  return head[:4] == b"\x1a\x45\xdf\xa3"  # EBML: Matroska / WebM
+
+
+def _h264_access_unit(data: bytes) -> tuple[bool, bool, bool]:
+  """(is_reference, is_idr, has_slices) of one Annex-B access unit.
+
+  A picture whose slices all have nal_ref_idc == 0 is, by the standard's definition, used by no
+  other picture; parameter sets make the packet count as a reference too, so a packet carrying
+  them is never dropped.
+  """
+  ref = idr = slices = False
+  i = data.find(b"\x00\x00\x01")
+  while 0 <= i < len(data) - 3:
+    header = data[i + 3]
+    kind = header & 0x1F
+    ref |= (header >> 5) & 3 != 0 or kind in (7, 8)
+    idr |= kind == 5
+    slices |= 1 <= kind <= 5
+    i = data.find(b"\x00\x00\x01", i + 3)
+  return ref, idr, slices
+
+
+def _plan_h264_refs(path: str, wanted: np.ndarray) -> tuple[list[bytes], list[int]] | None:
+  """The packets the ascending frame indices `wanted` need, from one demux pass.
+
+  The stream is cut into IDR periods (no picture references across an IDR): periods holding no
+  wanted frame are skipped whole; in the others only the reference pictures up to the last
+  wanted one (in decode order) and the wanted pictures are kept. Display indices are the packets'
+  timestamps ranked within each period. Returns (packets in decode order, display index of each
+  frame they decode to, in output order), or None where the plan cannot be trusted (no IDR first,
+  a packet without a picture, repeated or missing timestamps, fewer frames than wanted, a period
+  over REFS_MAX_HELD_BYTES): the caller then decodes the plain way.
+  """
+  cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
+  try:
+    if not cap.isOpened():
+      return None
+    last = int(wanted[-1])
+    packets: list[bytes] = []
+    output: list[int] = []
+    period: list[tuple[int, bool, bytes]] = []  # (pts, is_reference, data), decode order
+    held = offset = 0  # offset: display frames in earlier periods
+
+    def close() -> bool:
+      nonlocal offset
+      pts = np.array([p[0] for p in period], np.int64)
+      if len(np.unique(pts)) != len(pts):
+        return False
+      index = np.empty(len(pts), np.int64)
+      index[np.argsort(pts)] = offset + np.arange(len(pts))
+      hit = np.isin(index, wanted)
+      if hit.any():
+        end = int(np.nonzero(hit)[0][-1]) + 1
+        keep = np.nonzero(np.array([p[1] for p in period[:end]]) | hit[:end])[0]
+        packets.extend(period[k][2] for k in keep)
+        output.extend(np.sort(index[keep]).tolist())
+      offset += len(pts)
+      return True
+
+    while True:
+      ok, packet = cap.read()
+      if not ok or packet is None:
+        break
+      data = packet.tobytes()
+      ref, idr, slices = _h264_access_unit(data)
+      if not slices or (not period and not packets and not idr):
+        return None  # the plain decode drops or conceals pictures before the first IDR
+      if idr and period:
+        if not close():
+          return None
+        period, held = [], 0
+        if offset > last:
+          break
+      pts = cap.get(cv2.CAP_PROP_PTS)
+      if not math.isfinite(pts):
+        return None
+      period.append((int(round(pts)), ref, data))
+      held += len(data)
+      if held > REFS_MAX_HELD_BYTES:
+        return None
+    if period and not close():
+      return None
+    return (packets, output) if offset > last else None
+  finally:
+    cap.release()
+
+
+def _read_h264_refs(path: str, cap: cv2.VideoCapture,
+                    wanted: np.ndarray) -> list[np.ndarray] | None:
+  """Decode the ascending frames `wanted` (BGR) of an H.264 stream from `_plan_h264_refs`'s
+  packets, as a raw stream from memory; None where this does not apply.
+
+  `cap` is the caller's fresh capture: its frame 0 is read here and compared with the planned
+  decode's (a check that the raw stream decodes and converts as the container does: interlaced
+  streams, for one, do not), and the capture is returned to frame 0.
+  """
+  if not _refs_container(path):
+    return None
+  ok, first = cap.read()
+  cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+  if not ok or first is None:
+    return None
+  checked = np.union1d(wanted, [0])
+  plan = _plan_h264_refs(path, checked)
+  if plan is None:
+    return None
+  packets, output = plan
+  # OpenCV does not hold a reference to the stream object: keep it alive until release().
+  stream = io.BytesIO(b"".join(packets))
+  sub = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])
+  try:
+    if not sub.isOpened():
+      return None
+    frames = []
+    targets = set(checked.tolist())
+    for index in output:
+      if not sub.grab():
+        return None
+      if index in targets:
+        ok, frame = sub.retrieve()
+        if not ok or frame is None:
+          return None
+        frames.append(frame)
+    if sub.grab() or len(frames) != len(checked) or not np.array_equal(frames[0], first):
+      return None  # more pictures than packets kept, or frame 0 differs: do not trust the rest
+    return frames if wanted[0] == 0 else frames[1:]
+  finally:
+    sub.release()
+    stream.close()
 
 
 def _read_indices(cap: cv2.VideoCapture, wanted: np.ndarray,
@@ -577,7 +832,9 @@ def decode_frames(path: str | os.PathLike, indices, *, strategy: DecodeStrategy 
   """Decode frames `indices` (any order, repeats allowed) -> uint8 RGB `[len(indices), H, W, 3]`.
 
   strategy: "seek" sets CAP_PROP_POS_FRAMES for every frame, "grab" decodes forward through
-  every gap, "auto" picks per gap from measured seek / grab costs (see `_SeekCostModel`).
+  every gap, "refs" (H.264 only) decodes just the pictures the wanted frames depend on (see
+  `_plan_h264_refs`), "auto" uses "refs" where it applies and otherwise picks seek or grab per
+  gap from measured costs (see `_SeekCostModel`).
   Raises VideoError subclasses; TruncatedVideoError (with `.decodable_frames`) when an index lies
   past the frames that really decode.
   """
@@ -589,7 +846,17 @@ def decode_frames(path: str | os.PathLike, indices, *, strategy: DecodeStrategy 
     if indices.min() < 0:
       raise ValueError(f"{info.path}: negative frame index {int(indices.min())}")
     wanted, inverse = np.unique(indices, return_inverse=True)
-    frames, last_good = _read_indices(cap, wanted, strategy)
+    frames = None
+    if strategy in ("auto", "refs") and info.fourcc in H264_FOURCCS:
+      frames = _read_h264_refs(info.path, cap, wanted)
+    if frames is not None:
+      last_good = int(wanted[-1])
+    elif strategy == "refs":
+      raise ValueError(f"{info.path}: strategy 'refs' does not apply (codec {info.fourcc}): it "
+                       "needs H.264 in MP4/MOV or Matroska that starts with an IDR, hides no "
+                       "frames and decodes from a raw stream as from its container")
+    else:
+      frames, last_good = _read_indices(cap, wanted, strategy)
   finally:
     if _cap is None:
       cap.release()
