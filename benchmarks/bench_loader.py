@@ -10,26 +10,27 @@
 2. Packing efficiency on the synthetic dataset (256 train records, 16 frames at 112x112 = 128 video
    tokens each, the synthetic tokenizer, the Video-Thinker prompt) for several (L, P) row shapes.
 
-Measured (2 CPU cores shared with other jobs, so noisy; 36 samples of 1,363 tokens, 3 per row):
+Measured (session 10, `python benchmarks/bench_loader.py`; 2 CPU cores, load ~1; 36 samples, 3 per row):
 
   | codec | workers | samples/s (incl. start-up) | samples/s (steady) |
-  | h264  | 0       | 1.15                       | 1.12               |
-  | h264  | 1       | 1.13                       | 1.37               |
-  | h264  | 2       | 0.98                       | 2.09               |
-  | mp4v  | 0       | 3.26                       | 3.15               |
-  | mp4v  | 1       | 2.26                       | 4.58               |
-  | mp4v  | 2       | 1.53                       | 3.88               |
+  | h264  | 0       | 4.96                       | 5.70               |
+  | h264  | 1       | 3.96                       | 5.56               |
+  | h264  | 2       | 3.56                       | 9.37               |
+  | mp4v  | 0       | 10.99                      | 11.97              |
+  | mp4v  | 1       | 6.51                       | 9.38               |
+  | mp4v  | 2       | 4.96                       | 18.71              |
 
-  load_video alone (benchmarks/bench_pipeline.py, same videos): h264 1.40 / 2.34 samples/s with 1 / 2
-  workers, mp4v 8.06 / 6.28; the qwen-vl-utils-style reference path 1.37 / 1.50 and 3.04 / 1.80.
+  (An earlier session's run, before H.264 was decoded from its reference pictures only: h264 1.15 / 1.13 /
+  0.98 samples/s incl. start-up.) load_video alone vs the qwen-vl-utils-style reference:
+  benchmarks/bench_input.py.
 
-  Synthetic dataset packing (256 samples of ~573 tokens + 512 patch slots, pack_bins 8):
+  Synthetic dataset packing (256 samples, 16 frames at 112x112 = 128 video tokens each, pack_bins 8):
   | L    | P    | samples/row | token eff. | vision eff. |
-  | 1024 | 512  | 1.00        | 0.560      | 1.000       |
-  | 2048 | 1536 | 2.98        | 0.834      | 0.992       |
-  | 2048 | 2048 | 2.98        | 0.834      | 0.744       |
-  | 4096 | 3584 | 6.74        | 0.943      | 0.962       |
-  | 4096 | 4096 | 6.74        | 0.943      | 0.842       |
+  | 1024 | 512  | 1.00        | 0.519      | 1.000       |
+  | 2048 | 1536 | 2.98        | 0.772      | 0.992       |
+  | 2048 | 2048 | 3.08        | 0.800      | 0.771       |
+  | 4096 | 3584 | 6.92        | 0.897      | 0.988       |
+  | 4096 | 4096 | 6.92        | 0.897      | 0.865       |
 """
 
 from __future__ import annotations
