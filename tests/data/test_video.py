@@ -352,6 +352,28 @@ def test_refs_decodes_exactly_the_frames_of_the_plain_decode(tmp_path, name):
     assert len(packets) < 101 // 2
 
 
+def test_auto_takes_refs_only_where_it_decodes_fewer_pictures(tmp_path):
+  idr_periods = write_pyav(tmp_path / "a.mp4", 150, 30, x264=REFS_STREAMS["b_pyramid"], cuts=True)
+  open_gop = write_pyav(tmp_path / "b.mp4", 150, 30, x264=REFS_STREAMS["open_gop"], cuts=True)
+  wanted = np.array([0, 149])
+  # IDR every 30 frames: frame 149 needs its period's references only.
+  packets, _ = V._plan_h264_refs(idr_periods, wanted, cheaper_only=True)
+  assert len(packets) < 30
+  # One IDR: the plan decodes the references of the whole stream, a seek from the last keyframe
+  # (an open-GOP I picture) far fewer.
+  packets, _ = V._plan_h264_refs(open_gop, wanted)
+  assert len(packets) > 60
+  assert V._plan_h264_refs(open_gop, wanted, cheaper_only=True) is None
+  np.testing.assert_array_equal(V.decode_frames(open_gop, wanted), decode_all(open_gop)[wanted])
+  V.REFS_MAX_PERIOD_PACKETS, saved = 100, V.REFS_MAX_PERIOD_PACKETS
+  try:  # a period past the bound stops the demux pass
+    assert V._plan_h264_refs(idr_periods, wanted, cheaper_only=True) is not None
+    assert V._plan_h264_refs(write_pyav(tmp_path / "c.mp4", 150, 30, x264=REFS_STREAMS["one_idr"]),
+                             wanted, cheaper_only=True) is None
+  finally:
+    V.REFS_MAX_PERIOD_PACKETS = saved
+
+
 def test_refs_declines_streams_it_cannot_map(tmp_path):
   src = write_pyav(tmp_path / "src.mp4", 150, 30, x264="keyint=30:min-keyint=30", cuts=True)
   declined = {

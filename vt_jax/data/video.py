@@ -52,7 +52,8 @@ x264's default stream has about half its pictures unreferenced. The kept packets
 raw stream from memory. The frames are bit-identical to the plain decode; where that cannot be
 guaranteed (an edit list hiding frames of a stream-copy cut, timestamps that cannot be ranked, a
 stream not starting with an IDR, a raw decode whose frame 0 differs, e.g. interlaced video) the
-seek / grab path runs instead. 640x360 H.264 (GOP 250), 16 frames from 60 / 120 / 180 s: see
+seek / grab path runs instead, as it does where it would decode fewer pictures (open-GOP streams,
+whose only IDR may be the first picture, seek to their I pictures). 640x360 H.264 (GOP 250), 16 frames from 60 / 120 / 180 s: see
 benchmarks/bench_pipeline.py for the measured times.
 
 Errors are `VideoError` subclasses naming the file and the reason; a frame count that the
@@ -542,6 +543,9 @@ H264_FOURCCS = frozenset({"avc1", "AVC1", "avc3", "h264", "H264", "x264", "X264"
 # Packet bytes the "refs" plan may hold at once (one IDR period); streams needing more are decoded
 # by the seek/grab path instead.
 REFS_MAX_HELD_BYTES = 256 << 20
+# With strategy "auto", an IDR period longer than this (open-GOP streams: IDRs only where forced)
+# stops the demux pass; the seek / grab path decodes such streams from their keyframes.
+REFS_MAX_PERIOD_PACKETS = 2048
 
 
 def _mp4_boxes(f, start: int, end: int):
@@ -670,7 +674,8 @@ def _h264_access_unit(data: bytes) -> tuple[bool, bool, bool]:
   return ref, idr, slices
 
 
-def _plan_h264_refs(path: str, wanted: np.ndarray) -> tuple[list[bytes], list[int]] | None:
+def _plan_h264_refs(path: str, wanted: np.ndarray,
+                    cheaper_only: bool = False) -> tuple[list[bytes], list[int]] | None:
   """The packets the ascending frame indices `wanted` need, from one demux pass.
 
   The stream is cut into IDR periods (no picture references across an IDR): periods holding no
@@ -680,6 +685,11 @@ def _plan_h264_refs(path: str, wanted: np.ndarray) -> tuple[list[bytes], list[in
   frame they decode to, in output order), or None where the plan cannot be trusted (no IDR first,
   a packet without a picture, repeated or missing timestamps, fewer frames than wanted, a period
   over REFS_MAX_HELD_BYTES): the caller then decodes the plain way.
+
+  cheaper_only: also None when the plan decodes more pictures than seeking / grabbing would (an
+  open-GOP stream has IDRs only where the encoder was forced to, so one period may span the
+  video, while seeks restart at any keyframe), and gives up demuxing once a period grows past
+  REFS_MAX_PERIOD_PACKETS.
   """
   cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
   try:
@@ -688,8 +698,11 @@ def _plan_h264_refs(path: str, wanted: np.ndarray) -> tuple[list[bytes], list[in
     last = int(wanted[-1])
     packets: list[bytes] = []
     output: list[int] = []
-    period: list[tuple[int, bool, bytes]] = []  # (pts, is_reference, data), decode order
+    hits: list[tuple[int, int, int]] = []  # wanted (display index, decode index, its keyframe's)
+    # (pts, is_reference, data, decode index, decode index of the last container keyframe)
+    period: list[tuple[int, bool, bytes, int, int]] = []
     held = offset = 0  # offset: display frames in earlier periods
+    position = keyframe = 0
 
     def close() -> bool:
       nonlocal offset
@@ -704,6 +717,7 @@ def _plan_h264_refs(path: str, wanted: np.ndarray) -> tuple[list[bytes], list[in
         keep = np.nonzero(np.array([p[1] for p in period[:end]]) | hit[:end])[0]
         packets.extend(period[k][2] for k in keep)
         output.extend(np.sort(index[keep]).tolist())
+        hits.extend((int(index[k]), period[k][3], period[k][4]) for k in np.nonzero(hit)[0])
       offset += len(pts)
       return True
 
@@ -724,19 +738,33 @@ def _plan_h264_refs(path: str, wanted: np.ndarray) -> tuple[list[bytes], list[in
       pts = cap.get(cv2.CAP_PROP_PTS)
       if not math.isfinite(pts):
         return None
-      period.append((int(round(pts)), ref, data))
+      if cap.get(cv2.CAP_PROP_LRF_HAS_KEY_FRAME) > 0:
+        keyframe = position
+      period.append((int(round(pts)), ref, data, position, keyframe))
+      position += 1
       held += len(data)
-      if held > REFS_MAX_HELD_BYTES:
+      if held > REFS_MAX_HELD_BYTES or (cheaper_only and len(period) > REFS_MAX_PERIOD_PACKETS):
         return None
     if period and not close():
       return None
-    return (packets, output) if offset > last else None
+    if offset <= last:
+      return None  # fewer frames than wanted: the plain path reports what really decodes
+    if cheaper_only:
+      # Pictures the seek / grab path decodes: per wanted frame, grabbing through the gap from the
+      # previous one or seeking (decoding from its keyframe), whichever is less.
+      plain, previous = 0, -1
+      for index, decoded, key in sorted(hits):
+        plain += min(index - previous, decoded - key + 1)
+        previous = index
+      if len(packets) > plain:
+        return None
+    return packets, output
   finally:
     cap.release()
 
 
-def _read_h264_refs(path: str, cap: cv2.VideoCapture,
-                    wanted: np.ndarray) -> list[np.ndarray] | None:
+def _read_h264_refs(path: str, cap: cv2.VideoCapture, wanted: np.ndarray,
+                    cheaper_only: bool) -> list[np.ndarray] | None:
   """Decode the ascending frames `wanted` (BGR) of an H.264 stream from `_plan_h264_refs`'s
   packets, as a raw stream from memory; None where this does not apply.
 
@@ -751,7 +779,7 @@ def _read_h264_refs(path: str, cap: cv2.VideoCapture,
   if not ok or first is None:
     return None
   checked = np.union1d(wanted, [0])
-  plan = _plan_h264_refs(path, checked)
+  plan = _plan_h264_refs(path, checked, cheaper_only)
   if plan is None:
     return None
   packets, output = plan
@@ -833,8 +861,8 @@ def decode_frames(path: str | os.PathLike, indices, *, strategy: DecodeStrategy 
 
   strategy: "seek" sets CAP_PROP_POS_FRAMES for every frame, "grab" decodes forward through
   every gap, "refs" (H.264 only) decodes just the pictures the wanted frames depend on (see
-  `_plan_h264_refs`), "auto" uses "refs" where it applies and otherwise picks seek or grab per
-  gap from measured costs (see `_SeekCostModel`).
+  `_plan_h264_refs`), "auto" uses "refs" where it applies and decodes fewer pictures, and
+  otherwise picks seek or grab per gap from measured costs (see `_SeekCostModel`).
   Raises VideoError subclasses; TruncatedVideoError (with `.decodable_frames`) when an index lies
   past the frames that really decode.
   """
@@ -848,7 +876,7 @@ def decode_frames(path: str | os.PathLike, indices, *, strategy: DecodeStrategy 
     wanted, inverse = np.unique(indices, return_inverse=True)
     frames = None
     if strategy in ("auto", "refs") and info.fourcc in H264_FOURCCS:
-      frames = _read_h264_refs(info.path, cap, wanted)
+      frames = _read_h264_refs(info.path, cap, wanted, cheaper_only=strategy == "auto")
     if frames is not None:
       last_good = int(wanted[-1])
     elif strategy == "refs":
