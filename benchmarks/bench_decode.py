@@ -68,7 +68,9 @@ def step_programs(model, length: int):
     def body(_, carry):
       cache, t = carry
       logits, cache = m.decode_step(cache, t, weights)
-      return cache, jnp.argmax(logits, -1).astype(jnp.int32)  # the next step depends on this one's logits
+      # The next step depends on this one's logits. top_k(., 1) as the sampler's greedy choice: XLA:CPU's
+      # argmax over 151,936 columns costs ~5 ms, a third of the step.
+      return cache, jax.lax.top_k(logits, 1)[1][:, 0].astype(jnp.int32)
     return jax.lax.fori_loop(0, STEPS, body, (new_cache(m, weights), tokens))[1]
 
   def layers(state, tokens, weights):

@@ -245,10 +245,10 @@ def write_mp4v(path, n, fps, h=96, w=128):
 
 
 def write_pyav(path, n, fps, codec="libx264", h=96, w=128, faststart=False, x264=None,
-               cuts=False):
+               cuts=False, container=None):
   """x264: x264-params ("keyint=30:open-gop=1"); cuts: invert every 37th frame (scene cuts)."""
   av = pytest.importorskip("av")
-  c = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
+  c = av.open(str(path), "w", format=container, options={"movflags": "faststart"} if faststart else {})
   s = c.add_stream(codec, rate=fps)
   s.width, s.height, s.pix_fmt = w, h, "yuv420p"
   if x264:
@@ -330,6 +330,7 @@ REFS_STREAMS = {  # x264 settings that change which pictures are references and 
     "b_not_referenced": "b-pyramid=none:keyint=50",
     "four_slices": "slices=4:keyint=60",
     "one_idr": "keyint=1000:scenecut=0",
+    "fake_interlaced": "fake-interlaced=1:keyint=30",  # interlaced coding allowed, frames coded
 }
 
 
@@ -379,8 +380,6 @@ def test_refs_declines_streams_it_cannot_map(tmp_path):
   declined = {
       # A stream-copy cut: the edit list hides the frames between the keyframe and the cut.
       "cut": _cut(src, str(tmp_path / "cut.mp4"), at=45),
-      # Field-coded pictures: the raw stream converts differently from the container's.
-      "interlaced": write_pyav(tmp_path / "i.mp4", 60, 30, x264="interlaced=1:keyint=30"),
       "mp4v": write_mp4v(tmp_path / "m.mp4", 60, 30),
   }
   assert V._mp4_shows_every_sample(src) and not V._mp4_shows_every_sample(declined["cut"])
@@ -392,6 +391,75 @@ def test_refs_declines_streams_it_cannot_map(tmp_path):
     with pytest.raises(ValueError, match="'refs' does not apply"):
       V.decode_frames(path, idx, strategy="refs")
     np.testing.assert_array_equal(V.decode_frames(path, idx, strategy="auto"), every[idx], name)
+
+
+def test_interlaced_h264_is_refused_not_returned_as_garbage(tmp_path):
+  # OpenCV 5.0's FFmpeg cannot convert frames flagged interlaced (field macroblock pairs here) and
+  # returns uninitialised buffers; the SPS is read from the mp4's avcC and, in MPEG-TS, in band.
+  for path in (write_pyav(tmp_path / "i.mp4", 30, 30, x264="interlaced=1:keyint=30"),
+               write_pyav(tmp_path / "i.ts", 30, 30, x264="interlaced=1:keyint=30", container="mpegts")):
+    for strategy in ("auto", "refs", "grab"):
+      with pytest.raises(V.UnsupportedCodecError, match="interlaced H.264"):
+        V.decode_frames(path, [0, 10], strategy=strategy)
+    with pytest.raises(V.UnsupportedCodecError, match="deinterlace"):
+      V.load_video(path, V.VideoSampling(nframes=4))
+  progressive = write_pyav(tmp_path / "p.ts", 30, 30, x264="keyint=30", container="mpegts")
+  np.testing.assert_array_equal(V.decode_frames(progressive, [0, 29]), decode_all(progressive)[[0, 29]])
+
+
+class _BitWriter:
+  """Exp-Golomb bit writer (the encoder's side of H.264 7.2), for hand-made parameter sets."""
+
+  def __init__(self):
+    self.bits = []
+
+  def u(self, n, v):
+    self.bits += [(v >> (n - 1 - i)) & 1 for i in range(n)]
+
+  def ue(self, v):
+    n = (v + 1).bit_length()
+    self.u(n - 1, 0)
+    self.u(n, v + 1)
+
+  def se(self, v):
+    self.ue(2 * v - 1 if v > 0 else -2 * v)
+
+  def nal(self, header):
+    self.bits += [1] + [0] * (-(len(self.bits) + 1) % 8)  # rbsp_stop_one_bit + alignment
+    rbsp = bytes(int("".join(map(str, self.bits[i:i + 8])), 2) for i in range(0, len(self.bits), 8))
+    out, zeros = bytearray([header]), 0
+    for byte in rbsp:  # emulation prevention: no 00 00 0x (x <= 3) in the payload
+      if zeros >= 2 and byte <= 3:
+        out.append(3)
+        zeros = 0
+      out.append(byte)
+      zeros = zeros + 1 if byte == 0 else 0
+    return bytes(out)
+
+
+@pytest.mark.parametrize("frame_mbs_only,mbaff", [(True, False), (False, True), (False, False)])
+def test_h264_sps_parse_through_scaling_lists_and_poc_type_1(frame_mbs_only, mbaff):
+  w = _BitWriter()
+  w.u(8, 100), w.u(8, 0), w.u(8, 30), w.ue(0)  # High profile, constraints, level, sps id
+  w.ue(1), w.ue(0), w.ue(0), w.u(1, 0)  # 4:2:0, 8-bit luma / chroma, no transform bypass
+  w.u(1, 1)  # seq_scaling_matrix_present_flag
+  for i in range(8):
+    w.u(1, i in (0, 6))
+    if i == 0:  # a 4x4 list: deltas until nextScale hits 0 (the rest repeat the last scale)
+      for delta in (8, -3, 0, -13):
+        w.se(delta)
+    elif i == 6:  # an 8x8 list written in full
+      for j in range(64):
+        w.se(1 if j % 2 else -1)
+  w.ue(2)  # log2_max_frame_num_minus4
+  w.ue(1), w.u(1, 0), w.se(-2), w.se(5), w.ue(3), w.se(1), w.se(-1), w.se(0)  # POC type 1
+  w.ue(4), w.u(1, 0), w.ue(39), w.ue(29)  # refs, gaps, width / height in macroblocks - 1
+  w.u(1, frame_mbs_only)
+  if not frame_mbs_only:
+    w.u(1, mbaff)
+  w.u(1, 1)  # direct_8x8_inference_flag
+  sps = w.nal(0x67)
+  assert V._h264_sps(sps) == (frame_mbs_only, mbaff, 6, False)
 
 
 def test_fps_mode_and_window(tmp_path):

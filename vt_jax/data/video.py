@@ -51,10 +51,14 @@ only the reference pictures up to the last wanted one (nal_ref_idc > 0) plus the
 x264's default stream has about half its pictures unreferenced. The kept packets are decoded as a
 raw stream from memory. The frames are bit-identical to the plain decode; where that cannot be
 guaranteed (an edit list hiding frames of a stream-copy cut, timestamps that cannot be ranked, a
-stream not starting with an IDR, a raw decode whose frame 0 differs, e.g. interlaced video) the
+stream not starting with an IDR, a raw decode whose frame 0 differs from the plain one) the
 seek / grab path runs instead, as it does where it would decode fewer pictures (open-GOP streams,
 whose only IDR may be the first picture, seek to their I pictures). 640x360 H.264 (GOP 250), 16 frames from 60 / 120 / 180 s: see
 benchmarks/bench_pipeline.py for the measured times.
+
+Interlaced H.264 (field-coded pictures, read from the SPS and slice headers) is refused with
+UnsupportedCodecError: OpenCV 5.0's FFmpeg build fails to convert such frames to BGR and returns
+uninitialised buffers without an error.
 
 Errors are `VideoError` subclasses naming the file and the reason; a frame count that the
 container over-reports (truncated files) is detected when reads fail and, in `load_video`, the
@@ -67,6 +71,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 import struct
 import time
 from typing import Literal
@@ -548,6 +553,124 @@ REFS_MAX_HELD_BYTES = 256 << 20
 REFS_MAX_PERIOD_PACKETS = 2048
 
 
+class _Bits:
+  """Big-endian bit reader with Exp-Golomb codes over an RBSP (emulation prevention removed)."""
+
+  def __init__(self, data: bytes):
+    self.value, self.left = int.from_bytes(data, "big"), len(data) * 8
+
+  def u(self, n: int) -> int:
+    if n > self.left:
+      raise ValueError("read past the end")
+    self.left -= n
+    return (self.value >> self.left) & ((1 << n) - 1)
+
+  def ue(self) -> int:
+    zeros = 0
+    while self.u(1) == 0:
+      zeros += 1
+      if zeros > 31:
+        raise ValueError("bad Exp-Golomb code")
+    return (1 << zeros) - 1 + self.u(zeros)
+
+  def se(self) -> int:
+    k = self.ue()
+    return (k + 1) // 2 if k % 2 else -(k // 2)
+
+
+_HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
+
+
+def _h264_sps(sps: bytes) -> tuple[bool, bool, int, bool]:
+  """(frame_mbs_only_flag, mb_adaptive_frame_field_flag, log2_max_frame_num,
+  separate_colour_plane_flag) of an H.264 SPS NAL unit, header byte included."""
+  b = _Bits(sps[1:].replace(b"\x00\x00\x03", b"\x00\x00"))
+  profile = b.u(8)
+  b.u(16)  # constraint flags, level_idc
+  b.ue()  # seq_parameter_set_id
+  separate_planes = False
+  if profile in _HIGH_PROFILES:
+    chroma = b.ue()
+    if chroma == 3:
+      separate_planes = bool(b.u(1))
+    b.ue(), b.ue(), b.u(1)  # bit depths, qpprime_y_zero_transform_bypass_flag
+    if b.u(1):  # seq_scaling_matrix_present_flag
+      for i in range(12 if chroma == 3 else 8):
+        if b.u(1):
+          last = nxt = 8
+          for _ in range(16 if i < 6 else 64):
+            if nxt:
+              nxt = (last + b.se() + 256) % 256
+            last = nxt or last
+  log2_max_frame_num = b.ue() + 4
+  poc_type = b.ue()
+  if poc_type == 0:
+    b.ue()
+  elif poc_type == 1:
+    b.u(1), b.se(), b.se()
+    for _ in range(b.ue()):
+      b.se()
+  b.ue(), b.u(1), b.ue(), b.ue()  # max_num_ref_frames, gaps flag, width, height in macroblocks
+  frame_mbs_only = bool(b.u(1))
+  mbaff = not frame_mbs_only and bool(b.u(1))
+  return frame_mbs_only, mbaff, log2_max_frame_num, separate_planes
+
+
+def _annexb_units(data: bytes) -> list[bytes]:
+  return [n.rstrip(b"\x00") for n in re.split(b"\x00\x00\x01", data)[1:] if n]
+
+
+def _h264_interlaced(path: str, cap: cv2.VideoCapture) -> bool:
+  """Whether an H.264 stream codes interlaced pictures (field macroblock pairs, or field pictures
+  in its first packets), which FFmpeg flags interlaced and OpenCV 5.0's FFmpeg build then fails to
+  convert to BGR, returning garbage without an error. Streams that only allow interlaced coding
+  (x264's fake-interlaced) decode fine and are not reported. False when no SPS can be read
+  (parameter sets in band) or it does not parse."""
+  ok, extra = cap.retrieve(None, int(cap.get(cv2.CAP_PROP_CODEC_EXTRADATA_INDEX)))
+  data = extra.tobytes() if ok and extra is not None else b""
+  raw = None
+  try:
+    if len(data) > 8 and data[0] == 1:  # avcC: version, profile, compat, level, length size, SPSs
+      sps = [data[8:8 + int.from_bytes(data[6:8], "big")]] if data[5] & 0x1F else []
+    else:
+      sps = [n for n in _annexb_units(data) if n[0] & 0x1F == 7]
+    packets = []
+    if not sps:  # parameter sets in band: the first packet carries them
+      raw = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
+      ok, packet = raw.read()
+      packets = [packet.tobytes()] if ok and packet is not None else []
+      sps = [n for p in packets for n in _annexb_units(p) if n[0] & 0x1F == 7]
+      if not sps:
+        return False
+    frame_mbs_only, mbaff, log2_max_frame_num, separate_planes = _h264_sps(sps[0])
+    if frame_mbs_only or mbaff:
+      return mbaff
+    # Field pictures are signalled per slice (field_pic_flag): look at the first packets.
+    if raw is None:
+      raw = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
+    while len(packets) < 8:
+      ok, packet = raw.read()
+      if not ok or packet is None:
+        break
+      packets.append(packet.tobytes())
+    for packet in packets:
+      for unit in _annexb_units(packet):
+        if unit[0] & 0x1F in (1, 5):
+          b = _Bits(unit[1:16].replace(b"\x00\x00\x03", b"\x00\x00"))
+          b.ue(), b.ue(), b.ue()  # first_mb_in_slice, slice_type, pic_parameter_set_id
+          if separate_planes:
+            b.u(2)
+          b.u(log2_max_frame_num)
+          if b.u(1):  # field_pic_flag
+            return True
+    return False
+  except (ValueError, IndexError):
+    return False
+  finally:
+    if raw is not None:
+      raw.release()
+
+
 def _mp4_boxes(f, start: int, end: int):
   """(type, payload start, box end) of the ISO BMFF boxes in [start, end) of file `f`."""
   pos = start
@@ -769,8 +892,8 @@ def _read_h264_refs(path: str, cap: cv2.VideoCapture, wanted: np.ndarray,
   packets, as a raw stream from memory; None where this does not apply.
 
   `cap` is the caller's fresh capture: its frame 0 is read here and compared with the planned
-  decode's (a check that the raw stream decodes and converts as the container does: interlaced
-  streams, for one, do not), and the capture is returned to frame 0.
+  decode's (a check that the raw stream decodes and converts as the container does), and the
+  capture is returned to frame 0.
   """
   if not _refs_container(path):
     return None
@@ -874,6 +997,11 @@ def decode_frames(path: str | os.PathLike, indices, *, strategy: DecodeStrategy 
     if indices.min() < 0:
       raise ValueError(f"{info.path}: negative frame index {int(indices.min())}")
     wanted, inverse = np.unique(indices, return_inverse=True)
+    if info.fourcc in H264_FOURCCS and _h264_interlaced(info.path, cap):
+      raise UnsupportedCodecError(
+          info.path, "interlaced H.264 (field-coded pictures): OpenCV's FFmpeg build cannot convert "
+          "its frames to BGR (it returns garbage without an error); deinterlace it first (e.g. "
+          "ffmpeg -vf bwdif)")
     frames = None
     if strategy in ("auto", "refs") and info.fourcc in H264_FOURCCS:
       frames = _read_h264_refs(info.path, cap, wanted, cheaper_only=strategy == "auto")
