@@ -59,6 +59,7 @@ def base_config() -> config_dict.ConfigDict:
   c.data.nframes = 16
   c.data.max_pixels = 128 * 28 * 28
   c.data.min_pixels = 4 * 28 * 28
+  c.data.video_decode = "auto"          # or "seek": reads least of long videos (network mounts)
   c.data.seq_len = 2048                 # L: tokens per packed row (static shape)
   c.data.vision_capacity = 4096         # P: patch slots per row (multiple of the window size in patches)
   c.data.pack_bins = 8                  # rows the greedy packer keeps open

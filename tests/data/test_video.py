@@ -1,6 +1,7 @@
 """Frames as Qwen2.5-VL sees them: formulas, patch layout vs transformers, pixels vs the torch
 reference resize, decoding strategies, and every bad-input error."""
 
+import dataclasses
 import math
 import os
 import struct
@@ -351,6 +352,20 @@ def test_refs_decodes_exactly_the_frames_of_the_plain_decode(tmp_path, name):
   assert output == sorted(output) and {0, 40, 100} <= set(output)
   if name in ("b_pyramid", "b_not_referenced"):  # non-reference B pictures and periods skipped
     assert len(packets) < 101 // 2
+
+
+def test_load_video_decodes_with_the_sampling_strategy(tmp_path, monkeypatch):
+  path = write_pyav(tmp_path / "v.mp4", 150, 30, x264=REFS_STREAMS["b_pyramid"], cuts=True)
+  used = []
+  decode = V.decode_frames
+  monkeypatch.setattr(V, "decode_frames", lambda *a, **k: used.append(k["strategy"]) or decode(*a, **k))
+  s = V.VideoSampling(nframes=8, min_pixels=56 * 56, max_pixels=56 * 56)
+  out = {d: V.load_video(path, dataclasses.replace(s, decode=d)).pixel_values for d in ("auto", "seek", "refs")}
+  assert used == ["auto", "seek", "refs"]
+  np.testing.assert_array_equal(out["auto"], out["seek"])
+  np.testing.assert_array_equal(out["refs"], out["seek"])
+  with pytest.raises(ValueError, match="decode must be"):
+    V.VideoSampling(decode="fast")
 
 
 def test_auto_takes_refs_only_where_it_decodes_fewer_pictures(tmp_path):

@@ -105,6 +105,7 @@ SEEK_MIN_GAP = 32
 UNSUPPORTED_FOURCCS = frozenset({"AV01", "av01"})
 
 ResizeMethod = Literal["exact", "opencv"]
+DecodeStrategy = Literal["auto", "seek", "grab", "refs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,6 +166,9 @@ class VideoSampling:
   min_pixels / max_pixels / total_pixels: per-frame pixel budget, as qwen-vl-utils' fetch_video.
   start / end: time window in seconds (qwen-vl-utils `video_start` / `video_end`).
   resize: "exact" (reference filter) or "opencv" (faster, see the module docstring).
+  decode: `decode_frames` strategy. "auto" (H.264 from its reference pictures where that decodes fewer
+    pictures, which reads the file sequentially up to the IDR after the last sampled frame); "seek"
+    reads least of a long video, for storage where reading is dearer than decoding (network mounts).
   """
 
   nframes: int | None = 16
@@ -180,6 +184,7 @@ class VideoSampling:
   patch_size: int = 14
   merge_size: int = 2
   resize: ResizeMethod = "exact"
+  decode: DecodeStrategy = "auto"
 
   def __post_init__(self):
     if self.nframes is not None and self.fps is not None:
@@ -192,6 +197,8 @@ class VideoSampling:
       raise ValueError(f"VideoSampling: fps must be > 0, got {self.fps}")
     if self.resize not in ("exact", "opencv"):
       raise ValueError(f"VideoSampling: resize must be 'exact' or 'opencv', got {self.resize!r}")
+    if self.decode not in ("auto", "seek", "grab", "refs"):
+      raise ValueError(f"VideoSampling: decode must be 'auto', 'seek', 'grab' or 'refs', got {self.decode!r}")
 
   @property
   def factor(self) -> int:
@@ -508,7 +515,6 @@ def _count_decodable(path: str, info: VideoInfo, known_good: int) -> int:
     cap.release()
 
 
-DecodeStrategy = Literal["auto", "seek", "grab", "refs"]
 
 
 class _SeekCostModel:
@@ -1086,7 +1092,7 @@ def load_video(path: str | os.PathLike, sampling: VideoSampling = VideoSampling(
         raise TruncatedVideoError(path, f"cannot sample this video: {e}",
                                   decodable_frames=total) from None
       try:
-        rgb = decode_frames(path, indices, _cap=cap, _info=info)
+        rgb = decode_frames(path, indices, strategy=sampling.decode, _cap=cap, _info=info)
         break
       except TruncatedVideoError as e:
         if on_truncated == "raise" or attempt == 1 or e.decodable_frames in (None, total):

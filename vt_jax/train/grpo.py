@@ -428,7 +428,8 @@ class GRPOTask(trainer.Task):
         tokens_per_second=mc.vision.tokens_per_second)
     sampling = video.VideoSampling(nframes=int(d.nframes), min_pixels=int(d.min_pixels),
                                    max_pixels=int(d.max_pixels), temporal_patch_size=mc.vision.temporal_patch_size,
-                                   patch_size=mc.vision.patch_size, merge_size=mc.vision.spatial_merge_size)
+                                   patch_size=mc.vision.patch_size, merge_size=mc.vision.spatial_merge_size,
+                                   decode=d.get("video_decode", "auto"))
     buckets = tuple(int(b) for b in (d.get("prompt_buckets") or (d.seq_len,)))
     lcfg = loader.LoaderConfig(
         batch_size=prompts_per_process, seq_len=max(buckets), vision_capacity=int(d.vision_capacity),

@@ -226,7 +226,8 @@ class SFTTask(trainer.Task):
         tokens_per_second=mc.vision.tokens_per_second)
     sampling = video.VideoSampling(nframes=int(d.nframes), min_pixels=int(d.min_pixels),
                                    max_pixels=int(d.max_pixels), temporal_patch_size=mc.vision.temporal_patch_size,
-                                   patch_size=mc.vision.patch_size, merge_size=mc.vision.spatial_merge_size)
+                                   patch_size=mc.vision.patch_size, merge_size=mc.vision.spatial_merge_size,
+                                   decode=d.get("video_decode", "auto"))
     epochs = self.config.train.get("num_epochs")
     lcfg = loader.LoaderConfig(
         batch_size=shard.rows, seq_len=int(d.seq_len), vision_capacity=int(d.vision_capacity),
