@@ -246,12 +246,12 @@ def write_mp4v(path, n, fps, h=96, w=128):
 
 
 def write_pyav(path, n, fps, codec="libx264", h=96, w=128, faststart=False, x264=None,
-               cuts=False, container=None):
+               cuts=False, container=None, pix_fmt="yuv420p"):
   """x264: x264-params ("keyint=30:open-gop=1"); cuts: invert every 37th frame (scene cuts)."""
   av = pytest.importorskip("av")
   c = av.open(str(path), "w", format=container, options={"movflags": "faststart"} if faststart else {})
   s = c.add_stream(codec, rate=fps)
-  s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+  s.width, s.height, s.pix_fmt = w, h, pix_fmt
   if x264:
     s.options = {"x264-params": x264}
   for i in range(n):
@@ -332,6 +332,9 @@ REFS_STREAMS = {  # x264 settings that change which pictures are references and 
     "four_slices": "slices=4:keyint=60",
     "one_idr": "keyint=1000:scenecut=0",
     "fake_interlaced": "fake-interlaced=1:keyint=30",  # interlaced coding allowed, frames coded
+    "strict_pyramid": "keyint=30:b-pyramid=strict:bframes=5",
+    "sixteen_refs": "keyint=40:bframes=16:ref=16",
+    "high444": "keyint=30",  # written as yuv444p: High 4:4:4 (chroma_format_idc 3 in the SPS)
 }
 
 
@@ -342,7 +345,8 @@ def test_refs_decodes_exactly_the_frames_of_the_plain_decode(tmp_path, name):
   elif name == "odd_size":
     path = write_pyav(tmp_path / "v.mp4", 150, 30, h=90, w=126, x264="keyint=25", cuts=True)
   else:
-    path = write_pyav(tmp_path / "v.mp4", 150, 30, x264=REFS_STREAMS[name], cuts=True)
+    path = write_pyav(tmp_path / "v.mp4", 150, 30, x264=REFS_STREAMS[name], cuts=True,
+                      pix_fmt="yuv444p" if name == "high444" else "yuv420p")
   every = decode_all(path)
   assert len(every) == 150
   for idx in ([0, 3, 40, 41, 90, 119, 7, 40, 149], [5, 61, 62, 100], [149]):
