@@ -10,7 +10,7 @@ cores / workers threads for OpenCV and torch) and their pixel_values are sent ba
 as a data loader would. Pipelines, side by side in the same run:
 
   ours        load_video: OpenCV decode of only what the sampled frames need (H.264: the
-              reference pictures they depend on, from one demux pass, see `_plan_h264_refs`;
+              reference pictures they depend on, from one demux pass, see `_plan_refs`;
               other codecs: seek / grab chosen per gap by the online cost model), exact
               bicubic-antialias resize (scipy sparse), patchify.
   ours-opencv the same with cv2 resize (INTER_AREA), the fast approximate option.
@@ -164,7 +164,7 @@ def crossover(path: str, gaps=(2, 8, 16, 32, 64, 128, 256, 336)) -> list[dict]:
     if idx[-1] >= info.total_frames:
       continue
     row = {"video": os.path.basename(path), "gap": int(gap)}
-    strategies = ("seek", "grab", "auto") + (("refs",) if info.fourcc in V.H264_FOURCCS else ())
+    strategies = ("seek", "grab", "auto") + (("refs",) if info.fourcc in V.REFS_CODECS else ())
     for strategy in strategies:
       best = float("inf")
       for _ in range(2):

@@ -247,13 +247,14 @@ def write_mp4v(path, n, fps, h=96, w=128):
 
 def write_pyav(path, n, fps, codec="libx264", h=96, w=128, faststart=False, x264=None,
                cuts=False, container=None, pix_fmt="yuv420p"):
-  """x264: x264-params ("keyint=30:open-gop=1"); cuts: invert every 37th frame (scene cuts)."""
+  """x264: x264-params ("keyint=30:open-gop=1"), or x265-params for libx265; cuts: invert every
+  37th frame (scene cuts)."""
   av = pytest.importorskip("av")
   c = av.open(str(path), "w", format=container, options={"movflags": "faststart"} if faststart else {})
   s = c.add_stream(codec, rate=fps)
   s.width, s.height, s.pix_fmt = w, h, pix_fmt
   if x264:
-    s.options = {"x264-params": x264}
+    s.options = {"x264-params": x264} if codec == "libx264" else {"x265-params": x264 + ":log-level=error"}
   for i in range(n):
     img = _frame(i, h, w)
     if cuts and i % 37 == 20:
@@ -335,6 +336,11 @@ REFS_STREAMS = {  # x264 settings that change which pictures are references and 
     "strict_pyramid": "keyint=30:b-pyramid=strict:bframes=5",
     "sixteen_refs": "keyint=40:bframes=16:ref=16",
     "high444": "keyint=30",  # written as yuv444p: High 4:4:4 (chroma_format_idc 3 in the SPS)
+    # HEVC (x265): IDR periods; open GOP (CRA pictures, one IDR); three temporal layers, where
+    # sub-layer non-reference pictures of layer 1 are referenced from layer 2.
+    "hevc_closed_gop": "keyint=30:open-gop=0",
+    "hevc_open_gop": "keyint=30",
+    "hevc_temporal_layers": "keyint=30:open-gop=0:temporal-layers=3",
 }
 
 
@@ -346,16 +352,44 @@ def test_refs_decodes_exactly_the_frames_of_the_plain_decode(tmp_path, name):
     path = write_pyav(tmp_path / "v.mp4", 150, 30, h=90, w=126, x264="keyint=25", cuts=True)
   else:
     path = write_pyav(tmp_path / "v.mp4", 150, 30, x264=REFS_STREAMS[name], cuts=True,
-                      pix_fmt="yuv444p" if name == "high444" else "yuv420p")
+                      pix_fmt="yuv444p" if name == "high444" else "yuv420p",
+                      codec="libx265" if name.startswith("hevc") else "libx264")
   every = decode_all(path)
   assert len(every) == 150
   for idx in ([0, 3, 40, 41, 90, 119, 7, 40, 149], [5, 61, 62, 100], [149]):
     np.testing.assert_array_equal(V.decode_frames(path, idx, strategy="refs"), every[idx])
     np.testing.assert_array_equal(V.decode_frames(path, idx, strategy="auto"), every[idx])
-  packets, output = V._plan_h264_refs(path, np.array([0, 40, 100]))
+  parse = V._hevc_access_unit if name.startswith("hevc") else V._h264_access_unit
+  packets, output = V._plan_refs(path, np.array([0, 40, 100]), parse)
   assert output == sorted(output) and {0, 40, 100} <= set(output)
-  if name in ("b_pyramid", "b_not_referenced"):  # non-reference B pictures and periods skipped
+  if name in ("b_pyramid", "b_not_referenced", "hevc_closed_gop"):  # non-references, periods skipped
     assert len(packets) < 101 // 2
+
+
+def test_plan_keeps_non_references_a_higher_temporal_layer_may_use(tmp_path):
+  # HEVC sub-layer non-reference pictures may be referenced from higher temporal layers; x265's
+  # layered streams do not do it, so the rule is checked on a parser that puts H.264's reference
+  # pictures on layer 1 above its non-reference ones on layer 0.
+  path = write_pyav(tmp_path / "v.mp4", 150, 30, x264=REFS_STREAMS["b_pyramid"], cuts=True)
+  layered = lambda data: (lambda n, t, i, s: (n, 0 if n else 1, i, s))(*V._h264_access_unit(data))
+  wanted = np.array([0, 40, 100])
+  flat, _ = V._plan_refs(path, wanted)
+  kept, output = V._plan_refs(path, wanted, layered)
+  assert len(flat) < len(kept) == len(output)
+  # Nothing dropped: every packet of the IDR periods holding 0, 40 and 100 up to the last wanted one
+  # (counted here from PyAV's demuxer: keyframes are this stream's IDRs).
+  av = pytest.importorskip("av")
+  with av.open(path) as c:
+    packets = [(p.pts, p.is_keyframe) for p in c.demux(video=0) if p.size]
+  rank = {pts: r for r, pts in enumerate(sorted(p[0] for p in packets))}
+  period = np.cumsum([key for _, key in packets])
+  expected = 0
+  for g in np.unique(period):
+    members = [d for d in range(len(packets)) if period[d] == g]
+    hit = [d for d in members if rank[packets[d][0]] in wanted]
+    expected += hit[-1] - members[0] + 1 if hit else 0
+  assert len(kept) == expected
+  np.testing.assert_array_equal(V.decode_frames(path, wanted, strategy="refs"), decode_all(path)[wanted])
 
 
 def test_load_video_decodes_with_the_sampling_strategy(tmp_path, monkeypatch):
@@ -377,18 +411,18 @@ def test_auto_takes_refs_only_where_it_decodes_fewer_pictures(tmp_path):
   open_gop = write_pyav(tmp_path / "b.mp4", 150, 30, x264=REFS_STREAMS["open_gop"], cuts=True)
   wanted = np.array([0, 149])
   # IDR every 30 frames: frame 149 needs its period's references only.
-  packets, _ = V._plan_h264_refs(idr_periods, wanted, cheaper_only=True)
+  packets, _ = V._plan_refs(idr_periods, wanted, cheaper_only=True)
   assert len(packets) < 30
   # One IDR: the plan decodes the references of the whole stream, a seek from the last keyframe
   # (an open-GOP I picture) far fewer.
-  packets, _ = V._plan_h264_refs(open_gop, wanted)
+  packets, _ = V._plan_refs(open_gop, wanted)
   assert len(packets) > 60
-  assert V._plan_h264_refs(open_gop, wanted, cheaper_only=True) is None
+  assert V._plan_refs(open_gop, wanted, cheaper_only=True) is None
   np.testing.assert_array_equal(V.decode_frames(open_gop, wanted), decode_all(open_gop)[wanted])
   V.REFS_MAX_PERIOD_PACKETS, saved = 100, V.REFS_MAX_PERIOD_PACKETS
   try:  # a period past the bound stops the demux pass
-    assert V._plan_h264_refs(idr_periods, wanted, cheaper_only=True) is not None
-    assert V._plan_h264_refs(write_pyav(tmp_path / "c.mp4", 150, 30, x264=REFS_STREAMS["one_idr"]),
+    assert V._plan_refs(idr_periods, wanted, cheaper_only=True) is not None
+    assert V._plan_refs(write_pyav(tmp_path / "c.mp4", 150, 30, x264=REFS_STREAMS["one_idr"]),
                              wanted, cheaper_only=True) is None
   finally:
     V.REFS_MAX_PERIOD_PACKETS = saved

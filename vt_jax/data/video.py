@@ -44,16 +44,18 @@ crossover depends on the GOP, which OpenCV does not expose: `_SeekCostModel` tim
 on the stream being read and picks the cheaper per gap (measured crossovers: ~32 frames for mp4v
 with GOP 12, beyond 120 frames for x264's default GOP 250, both 640x360 at 30 fps).
 
-H.264 (most video datasets) is decoded more cheaply still (`_plan_h264_refs`, strategy "refs",
-used by "auto" where it applies): one demux pass in OpenCV's raw mode (packets, no decoding) cuts
-the stream into IDR periods, skips the periods without a wanted frame, and within the others keeps
-only the reference pictures up to the last wanted one (nal_ref_idc > 0) plus the wanted pictures;
-x264's default stream has about half its pictures unreferenced. The kept packets are decoded as a
-raw stream from memory. The frames are bit-identical to the plain decode; where that cannot be
-guaranteed (an edit list hiding frames of a stream-copy cut, timestamps that cannot be ranked, a
-stream not starting with an IDR, a raw decode whose frame 0 differs from the plain one) the
-seek / grab path runs instead, as it does where it would decode fewer pictures (open-GOP streams,
-whose only IDR may be the first picture, seek to their I pictures). 640x360 H.264 (GOP 250), 16 frames from 60 / 120 / 180 s: see
+H.264 (most video datasets) and HEVC are decoded more cheaply still (`_plan_refs`, strategy
+"refs", used by "auto" where it applies): one demux pass in OpenCV's raw mode (packets, no
+decoding) cuts the stream into IDR periods, skips the periods without a wanted frame, and within
+the others keeps only the reference pictures up to the last wanted one plus the wanted pictures
+(H.264: nal_ref_idc > 0; HEVC: all but sub-layer non-reference pictures of the top temporal
+layer); x264's and x265's default streams have about half their pictures unreferenced. The kept
+packets are decoded as a raw stream from memory. The frames are bit-identical to the plain
+decode; where that cannot be guaranteed (an edit list hiding frames of a stream-copy cut,
+timestamps that cannot be ranked, a stream not starting with an IDR, a raw decode whose frame 0
+differs from the plain one) the seek / grab path runs instead, as it does where it would decode
+fewer pictures (open-GOP streams, whose only IDR may be the first picture, seek to their I / CRA
+pictures). 640x360 H.264 (GOP 250), 16 frames from 60 / 120 / 180 s: see
 benchmarks/bench_pipeline.py for the measured times.
 
 Interlaced H.264 (field-coded pictures, read from the SPS and slice headers) is refused with
@@ -166,7 +168,7 @@ class VideoSampling:
   min_pixels / max_pixels / total_pixels: per-frame pixel budget, as qwen-vl-utils' fetch_video.
   start / end: time window in seconds (qwen-vl-utils `video_start` / `video_end`).
   resize: "exact" (reference filter) or "opencv" (faster, see the module docstring).
-  decode: `decode_frames` strategy. "auto" (H.264 from its reference pictures where that decodes fewer
+  decode: `decode_frames` strategy. "auto" (H.264 / HEVC from reference pictures where that decodes fewer
     pictures, which reads the file sequentially up to the IDR after the last sampled frame); "seek"
     reads least of a long video, for storage where reading is dearer than decoding (network mounts).
   """
@@ -551,6 +553,7 @@ class _SeekCostModel:
 
 # H.264 FourCCs OpenCV reports (container codec tags, or FFmpeg's codec name as a tag).
 H264_FOURCCS = frozenset({"avc1", "AVC1", "avc3", "h264", "H264", "x264", "X264", "davc", "DAVC"})
+HEVC_FOURCCS = frozenset({"hvc1", "HVC1", "hev1", "HEV1", "hevc", "HEVC", "h265", "H265", "x265", "X265"})
 # Packet bytes the "refs" plan may hold at once (one IDR period); streams needing more are decoded
 # by the seek/grab path instead.
 REFS_MAX_HELD_BYTES = 256 << 20
@@ -709,7 +712,7 @@ def _mp4_shows_every_sample(path: str) -> bool:
   False where an edit list hides samples (clips cut with stream copy start at the keyframe
   before the cut and hide the frames up to it; the plain decode does not return them), where
   the track is fragmented, where a 'colr' box signals colour outside the bitstream (the raw
-  stream `_read_h264_refs` decodes would lose it), or where the file does not parse.
+  stream `_read_refs` decodes would lose it), or where the file does not parse.
   """
   try:
     with open(path, "rb") as f:
@@ -784,12 +787,12 @@ def _refs_container(path: str) -> bool:
   return head[:4] == b"\x1a\x45\xdf\xa3"  # EBML: Matroska / WebM
 
 
-def _h264_access_unit(data: bytes) -> tuple[bool, bool, bool]:
-  """(is_reference, is_idr, has_slices) of one Annex-B access unit.
+def _h264_access_unit(data: bytes) -> tuple[bool, int, bool, bool]:
+  """(is_non_reference, temporal id, is_idr, has_slices) of one Annex-B H.264 access unit.
 
   A picture whose slices all have nal_ref_idc == 0 is, by the standard's definition, used by no
-  other picture; parameter sets make the packet count as a reference too, so a packet carrying
-  them is never dropped.
+  other picture; parameter sets make the packet count as a reference, so it is never dropped.
+  H.264 has no temporal layers: the temporal id is 0.
   """
   ref = idr = slices = False
   i = data.find(b"\x00\x00\x01")
@@ -800,16 +803,46 @@ def _h264_access_unit(data: bytes) -> tuple[bool, bool, bool]:
     idr |= kind == 5
     slices |= 1 <= kind <= 5
     i = data.find(b"\x00\x00\x01", i + 3)
-  return ref, idr, slices
+  return not ref, 0, idr, slices
 
 
-def _plan_h264_refs(path: str, wanted: np.ndarray,
-                    cheaper_only: bool = False) -> tuple[list[bytes], list[int]] | None:
-  """The packets the ascending frame indices `wanted` need, from one demux pass.
+def _hevc_access_unit(data: bytes) -> tuple[bool, int, bool, bool]:
+  """(is_non_reference, temporal id, is_idr, has_slices) of one Annex-B HEVC access unit.
+
+  Non-reference: every slice is a sub-layer non-reference picture (TRAIL_N, TSA_N, STSA_N, RADL_N,
+  RASL_N, RSV_VCL_N10/12/14), which no picture of its own or a lower temporal layer uses; pictures
+  of higher layers may, which `_plan_refs` checks. VPS/SPS/PPS make the packet a reference.
+  """
+  non_ref, idr, slices, tid = True, False, False, 0
+  i = data.find(b"\x00\x00\x01")
+  while 0 <= i < len(data) - 4:
+    kind = (data[i + 3] >> 1) & 0x3F
+    if kind < 32:
+      slices = True
+      tid = max(tid, (data[i + 4] & 7) - 1)
+      non_ref &= kind <= 14 and kind % 2 == 0
+      idr |= kind in (19, 20)
+    elif kind in (32, 33, 34):
+      non_ref = False
+    i = data.find(b"\x00\x00\x01", i + 3)
+  return non_ref and slices, tid, idr, slices
+
+
+# Streams `_plan_refs` can plan, by the FourCC OpenCV reports: their access-unit parsers. OpenCV's raw
+# mode hands out Annex-B packets (start codes, parameter sets in band) for both.
+REFS_CODECS = {**{f: _h264_access_unit for f in H264_FOURCCS},
+               **{f: _hevc_access_unit for f in HEVC_FOURCCS}}
+
+
+def _plan_refs(path: str, wanted: np.ndarray, access_unit=_h264_access_unit,
+               cheaper_only: bool = False) -> tuple[list[bytes], list[int]] | None:
+  """The packets the ascending frame indices `wanted` of an H.264 or HEVC stream need, from one demux
+  pass (`access_unit`: the codec's parser, see REFS_CODECS).
 
   The stream is cut into IDR periods (no picture references across an IDR): periods holding no
   wanted frame are skipped whole; in the others only the reference pictures up to the last
-  wanted one (in decode order) and the wanted pictures are kept. Display indices are the packets'
+  wanted one (in decode order) and the wanted pictures are kept (an HEVC sub-layer non-reference
+  picture counts as a reference when the period has pictures of a higher temporal layer). Display indices are the packets'
   timestamps ranked within each period. Returns (packets in decode order, display index of each
   frame they decode to, in output order), or None where the plan cannot be trusted (no IDR first,
   a packet without a picture, repeated or missing timestamps, fewer frames than wanted, a period
@@ -828,8 +861,8 @@ def _plan_h264_refs(path: str, wanted: np.ndarray,
     packets: list[bytes] = []
     output: list[int] = []
     hits: list[tuple[int, int, int]] = []  # wanted (display index, decode index, its keyframe's)
-    # (pts, is_reference, data, decode index, decode index of the last container keyframe)
-    period: list[tuple[int, bool, bytes, int, int]] = []
+    # (pts, is_non_reference, temporal id, data, decode index, that of the last container keyframe)
+    period: list[tuple[int, bool, int, bytes, int, int]] = []
     held = offset = 0  # offset: display frames in earlier periods
     position = keyframe = 0
 
@@ -843,10 +876,12 @@ def _plan_h264_refs(path: str, wanted: np.ndarray,
       hit = np.isin(index, wanted)
       if hit.any():
         end = int(np.nonzero(hit)[0][-1]) + 1
-        keep = np.nonzero(np.array([p[1] for p in period[:end]]) | hit[:end])[0]
-        packets.extend(period[k][2] for k in keep)
+        top = max(p[2] for p in period)
+        dropped = np.array([p[1] and p[2] >= top for p in period[:end]])
+        keep = np.nonzero(~dropped | hit[:end])[0]
+        packets.extend(period[k][3] for k in keep)
         output.extend(np.sort(index[keep]).tolist())
-        hits.extend((int(index[k]), period[k][3], period[k][4]) for k in np.nonzero(hit)[0])
+        hits.extend((int(index[k]), period[k][4], period[k][5]) for k in np.nonzero(hit)[0])
       offset += len(pts)
       return True
 
@@ -855,7 +890,7 @@ def _plan_h264_refs(path: str, wanted: np.ndarray,
       if not ok or packet is None:
         break
       data = packet.tobytes()
-      ref, idr, slices = _h264_access_unit(data)
+      non_ref, tid, idr, slices = access_unit(data)
       if not slices or (not period and not packets and not idr):
         return None  # the plain decode drops or conceals pictures before the first IDR
       if idr and period:
@@ -869,7 +904,7 @@ def _plan_h264_refs(path: str, wanted: np.ndarray,
         return None
       if cap.get(cv2.CAP_PROP_LRF_HAS_KEY_FRAME) > 0:
         keyframe = position
-      period.append((int(round(pts)), ref, data, position, keyframe))
+      period.append((int(round(pts)), non_ref, tid, data, position, keyframe))
       position += 1
       held += len(data)
       if held > REFS_MAX_HELD_BYTES or (cheaper_only and len(period) > REFS_MAX_PERIOD_PACKETS):
@@ -892,9 +927,9 @@ def _plan_h264_refs(path: str, wanted: np.ndarray,
     cap.release()
 
 
-def _read_h264_refs(path: str, cap: cv2.VideoCapture, wanted: np.ndarray,
-                    cheaper_only: bool) -> list[np.ndarray] | None:
-  """Decode the ascending frames `wanted` (BGR) of an H.264 stream from `_plan_h264_refs`'s
+def _read_refs(path: str, cap: cv2.VideoCapture, wanted: np.ndarray, access_unit,
+               cheaper_only: bool) -> list[np.ndarray] | None:
+  """Decode the ascending frames `wanted` (BGR) of an H.264 / HEVC stream from `_plan_refs`'s
   packets, as a raw stream from memory; None where this does not apply.
 
   `cap` is the caller's fresh capture: its frame 0 is read here and compared with the planned
@@ -908,7 +943,7 @@ def _read_h264_refs(path: str, cap: cv2.VideoCapture, wanted: np.ndarray,
   if not ok or first is None:
     return None
   checked = np.union1d(wanted, [0])
-  plan = _plan_h264_refs(path, checked, cheaper_only)
+  plan = _plan_refs(path, checked, access_unit, cheaper_only)
   if plan is None:
     return None
   packets, output = plan
@@ -989,8 +1024,8 @@ def decode_frames(path: str | os.PathLike, indices, *, strategy: DecodeStrategy 
   """Decode frames `indices` (any order, repeats allowed) -> uint8 RGB `[len(indices), H, W, 3]`.
 
   strategy: "seek" sets CAP_PROP_POS_FRAMES for every frame, "grab" decodes forward through
-  every gap, "refs" (H.264 only) decodes just the pictures the wanted frames depend on (see
-  `_plan_h264_refs`), "auto" uses "refs" where it applies and decodes fewer pictures, and
+  every gap, "refs" (H.264, HEVC) decodes just the pictures the wanted frames depend on (see
+  `_plan_refs`), "auto" uses "refs" where it applies and decodes fewer pictures, and
   otherwise picks seek or grab per gap from measured costs (see `_SeekCostModel`).
   Raises VideoError subclasses; TruncatedVideoError (with `.decodable_frames`) when an index lies
   past the frames that really decode.
@@ -1009,13 +1044,13 @@ def decode_frames(path: str | os.PathLike, indices, *, strategy: DecodeStrategy 
           "its frames to BGR (it returns garbage without an error); deinterlace it first (e.g. "
           "ffmpeg -vf bwdif)")
     frames = None
-    if strategy in ("auto", "refs") and info.fourcc in H264_FOURCCS:
-      frames = _read_h264_refs(info.path, cap, wanted, cheaper_only=strategy == "auto")
+    if strategy in ("auto", "refs") and info.fourcc in REFS_CODECS:
+      frames = _read_refs(info.path, cap, wanted, REFS_CODECS[info.fourcc], cheaper_only=strategy == "auto")
     if frames is not None:
       last_good = int(wanted[-1])
     elif strategy == "refs":
       raise ValueError(f"{info.path}: strategy 'refs' does not apply (codec {info.fourcc}): it "
-                       "needs H.264 in MP4/MOV or Matroska that starts with an IDR, hides no "
+                       "needs H.264 or HEVC in MP4/MOV or Matroska that starts with an IDR, hides no "
                        "frames and decodes from a raw stream as from its container")
     else:
       frames, last_good = _read_indices(cap, wanted, strategy)
