@@ -14,11 +14,13 @@ as a data loader would. Pipelines, side by side in the same run:
               other codecs: seek / grab chosen per gap by the online cost model), exact
               bicubic-antialias resize (scipy sparse), patchify.
   ours-opencv the same with cv2 resize (INTER_AREA), the fast approximate option.
-  reference   what qwen-vl-utils does when it has no decord: decode the whole stream up to the
-              last sampled frame (torchvision.io.read_video decodes everything; here OpenCV grab()s
-              through), then torch bicubic+antialias resize on the uint8 frames, clamp/round, and
+  reference   a lower bound of what qwen-vl-utils does when it has no decord: decode the stream
+              up to the last sampled frame (OpenCV grab()s through, converting only the sampled
+              frames), then torch bicubic+antialias resize on the uint8 frames, clamp/round, and
               HF's rescale/normalise/patchify in torch. qwen-vl-utils itself cannot run here: it
               imports torchvision, which has no build for this torch CPU wheel in our pins.
+  reference-read_video  the same, but decoding as torchvision.io.read_video does for it: every
+              frame of the video decoded and converted (read_video also keeps them all in memory).
 
 A second table times decoding 16 frames at fixed gaps with strategy seek / grab / auto (and refs
 for H.264), which is where `_SeekCostModel`'s crossover claims come from. Results: benchmarks/results/bench_pipeline.{json,md}.
@@ -110,12 +112,32 @@ def run_ours_opencv(path: str) -> tuple[np.ndarray, np.ndarray]:
   return v.pixel_values, v.grid_thw
 
 
-def run_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_every_frame(path: str, idx: np.ndarray) -> np.ndarray:
+  """What torchvision.io.read_video(path) does for qwen-vl-utils (no video_end): decode and convert
+  every frame of the video; read_video also keeps them all in memory, here only the sampled ones."""
+  import cv2
+  cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+  wanted, frames, i = set(idx.tolist()), {}, 0
+  while True:
+    ok, frame = cap.read()
+    if not ok:
+      break
+    if i in wanted:
+      frames[i] = frame
+    i += 1
+  cap.release()
+  return np.stack([frames[k] for k in idx.tolist()])[..., ::-1]
+
+
+def run_reference(path: str, read_video: bool = False) -> tuple[np.ndarray, np.ndarray]:
   import torch
   info = V.probe_video(path)
   idx = V.sample_frame_indices(info.total_frames, info.fps, SAMPLING)
-  frames = V.decode_frames(path, idx, strategy="grab")  # decode the stream through, like read_video
-  video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # TCHW uint8
+  if read_video:
+    frames = _read_every_frame(path, idx)
+  else:  # decode the stream through to the last sampled frame, converting only the sampled ones
+    frames = V.decode_frames(path, idx, strategy="grab")
+  video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # TCHW uint8
   h, w = V.video_resize_dims(video.shape[2], video.shape[3], len(idx), SAMPLING)
   x = torch.nn.functional.interpolate(video.float(), size=(h, w), mode="bicubic",
                                       antialias=True, align_corners=False)
@@ -129,7 +151,12 @@ def run_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
   return x.reshape(gt * gh * gw, c * 2 * 14 * 14).numpy(), np.array([gt, gh, gw])
 
 
-PIPELINES = {"ours": run_ours, "ours-opencv": run_ours_opencv, "reference": run_reference}
+def run_reference_read_video(path: str) -> tuple[np.ndarray, np.ndarray]:
+  return run_reference(path, read_video=True)
+
+
+PIPELINES = {"ours": run_ours, "ours-opencv": run_ours_opencv, "reference": run_reference,
+             "reference-read_video": run_reference_read_video}
 
 
 def throughput(pipeline: str, paths: list[str], workers: int, repeats: int) -> dict:
@@ -150,7 +177,8 @@ def parity(paths: list[str]) -> dict:
   a, _ = run_ours(paths[0])
   b, _ = run_reference(paths[0])
   c, _ = run_ours_opencv(paths[0])
-  return {"video": os.path.basename(paths[0]),
+  d, _ = run_reference_read_video(paths[0])
+  return {"video": os.path.basename(paths[0]), "read_video_equals_reference": bool(np.array_equal(b, d)),
           "exact_max": float(np.abs(a - b).max()), "exact_mean": float(np.abs(a - b).mean()),
           "opencv_max": float(np.abs(c - b).max()), "opencv_mean": float(np.abs(c - b).mean())}
 
