@@ -360,8 +360,9 @@ def test_refs_decodes_exactly_the_frames_of_the_plain_decode(tmp_path, name):
     np.testing.assert_array_equal(V.decode_frames(path, idx, strategy="refs"), every[idx])
     np.testing.assert_array_equal(V.decode_frames(path, idx, strategy="auto"), every[idx])
   parse = V._hevc_access_unit if name.startswith("hevc") else V._h264_access_unit
-  packets, output = V._plan_refs(path, np.array([0, 40, 100]), parse)
-  assert output == sorted(output) and {0, 40, 100} <= set(output)
+  plan = V._plan_refs(path, np.array([0, 40, 100]), parse)
+  packets, output = plan.packets, plan.output
+  assert output == sorted(output) and {0, 40, 100} <= set(output) and plan.periods[0] == 0
   if name in ("b_pyramid", "b_not_referenced", "hevc_closed_gop"):  # non-references, periods skipped
     assert len(packets) < 101 // 2
 
@@ -373,8 +374,9 @@ def test_plan_keeps_non_references_a_higher_temporal_layer_may_use(tmp_path):
   path = write_pyav(tmp_path / "v.mp4", 150, 30, x264=REFS_STREAMS["b_pyramid"], cuts=True)
   layered = lambda data: (lambda n, t, i, s: (n, 0 if n else 1, i, s))(*V._h264_access_unit(data))
   wanted = np.array([0, 40, 100])
-  flat, _ = V._plan_refs(path, wanted)
-  kept, output = V._plan_refs(path, wanted, layered)
+  flat = V._plan_refs(path, wanted).packets
+  layered_plan = V._plan_refs(path, wanted, layered)
+  kept, output = layered_plan.packets, layered_plan.output
   assert len(flat) < len(kept) == len(output)
   # Nothing dropped: every packet of the IDR periods holding 0, 40 and 100 up to the last wanted one
   # (counted here from PyAV's demuxer: keyframes are this stream's IDRs).
@@ -411,12 +413,10 @@ def test_auto_takes_refs_only_where_it_decodes_fewer_pictures(tmp_path):
   open_gop = write_pyav(tmp_path / "b.mp4", 150, 30, x264=REFS_STREAMS["open_gop"], cuts=True)
   wanted = np.array([0, 149])
   # IDR every 30 frames: frame 149 needs its period's references only.
-  packets, _ = V._plan_refs(idr_periods, wanted, cheaper_only=True)
-  assert len(packets) < 30
+  assert len(V._plan_refs(idr_periods, wanted, cheaper_only=True).packets) < 30
   # One IDR: the plan decodes the references of the whole stream, a seek from the last keyframe
   # (an open-GOP I picture) far fewer.
-  packets, _ = V._plan_refs(open_gop, wanted)
-  assert len(packets) > 60
+  assert len(V._plan_refs(open_gop, wanted).packets) > 60
   assert V._plan_refs(open_gop, wanted, cheaper_only=True) is None
   np.testing.assert_array_equal(V.decode_frames(open_gop, wanted), decode_all(open_gop)[wanted])
   V.REFS_MAX_PERIOD_PACKETS, saved = 100, V.REFS_MAX_PERIOD_PACKETS

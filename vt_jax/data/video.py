@@ -69,6 +69,7 @@ indices are re-sampled over the frames that really decode (or `TruncatedVideoErr
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import math
@@ -557,6 +558,9 @@ HEVC_FOURCCS = frozenset({"hvc1", "HVC1", "hev1", "HEV1", "hevc", "HEVC", "h265"
 # Packet bytes the "refs" plan may hold at once (one IDR period); streams needing more are decoded
 # by the seek/grab path instead.
 REFS_MAX_HELD_BYTES = 256 << 20
+# Decoders `_read_refs` runs in parallel threads, each on a run of IDR periods (bounded by
+# cv2.getNumThreads() too: set it to cores / workers in data-loading worker processes).
+REFS_MAX_DECODERS = 4
 # With strategy "auto", an IDR period longer than this (open-GOP streams: IDRs only where forced)
 # stops the demux pass; the seek / grab path decodes such streams from their keyframes.
 REFS_MAX_PERIOD_PACKETS = 2048
@@ -834,8 +838,18 @@ REFS_CODECS = {**{f: _h264_access_unit for f in H264_FOURCCS},
                **{f: _hevc_access_unit for f in HEVC_FOURCCS}}
 
 
+@dataclasses.dataclass(frozen=True)
+class _RefsPlan:
+  """packets: to decode, in decode order; output: the display index of each frame they decode to, in
+  output order; periods: where each planned IDR period starts in both (a period's packets decode to
+  as many frames, so the indices agree), each an independent stream from its IDR on."""
+  packets: list[bytes]
+  output: list[int]
+  periods: list[int]
+
+
 def _plan_refs(path: str, wanted: np.ndarray, access_unit=_h264_access_unit,
-               cheaper_only: bool = False) -> tuple[list[bytes], list[int]] | None:
+               cheaper_only: bool = False) -> _RefsPlan | None:
   """The packets the ascending frame indices `wanted` of an H.264 or HEVC stream need, from one demux
   pass (`access_unit`: the codec's parser, see REFS_CODECS).
 
@@ -843,8 +857,7 @@ def _plan_refs(path: str, wanted: np.ndarray, access_unit=_h264_access_unit,
   wanted frame are skipped whole; in the others only the reference pictures up to the last
   wanted one (in decode order) and the wanted pictures are kept (an HEVC sub-layer non-reference
   picture counts as a reference when the period has pictures of a higher temporal layer). Display indices are the packets'
-  timestamps ranked within each period. Returns (packets in decode order, display index of each
-  frame they decode to, in output order), or None where the plan cannot be trusted (no IDR first,
+  timestamps ranked within each period. Returns the plan, or None where it cannot be trusted (no IDR first,
   a packet without a picture, repeated or missing timestamps, fewer frames than wanted, a period
   over REFS_MAX_HELD_BYTES): the caller then decodes the plain way.
 
@@ -860,6 +873,7 @@ def _plan_refs(path: str, wanted: np.ndarray, access_unit=_h264_access_unit,
     last = int(wanted[-1])
     packets: list[bytes] = []
     output: list[int] = []
+    periods: list[int] = []
     hits: list[tuple[int, int, int]] = []  # wanted (display index, decode index, its keyframe's)
     # (pts, is_non_reference, temporal id, data, decode index, that of the last container keyframe)
     period: list[tuple[int, bool, int, bytes, int, int]] = []
@@ -879,6 +893,7 @@ def _plan_refs(path: str, wanted: np.ndarray, access_unit=_h264_access_unit,
         top = max(p[2] for p in period)
         dropped = np.array([p[1] and p[2] >= top for p in period[:end]])
         keep = np.nonzero(~dropped | hit[:end])[0]
+        periods.append(len(packets))
         packets.extend(period[k][3] for k in keep)
         output.extend(np.sort(index[keep]).tolist())
         hits.extend((int(index[k]), period[k][4], period[k][5]) for k in np.nonzero(hit)[0])
@@ -922,7 +937,7 @@ def _plan_refs(path: str, wanted: np.ndarray, access_unit=_h264_access_unit,
         previous = index
       if len(packets) > plain:
         return None
-    return packets, output
+    return _RefsPlan(packets, output, periods)
   finally:
     cap.release()
 
@@ -946,15 +961,38 @@ def _read_refs(path: str, cap: cv2.VideoCapture, wanted: np.ndarray, access_unit
   plan = _plan_refs(path, checked, access_unit, cheaper_only)
   if plan is None:
     return None
-  packets, output = plan
+  # Periods are independent streams: up to cv2.getNumThreads() decoders (REFS_MAX_DECODERS at most)
+  # each take a run of them, one FFmpeg thread each; one decoder keeps FFmpeg's own threading.
+  decoders = min(len(plan.periods), max(1, cv2.getNumThreads()), REFS_MAX_DECODERS)
+  total = len(plan.packets)
+  cuts = sorted({min(plan.periods, key=lambda p: abs(p - total * k / decoders)) for k in range(decoders)})
+  bounds = list(zip([0] + cuts[1:], cuts[1:] + [total]))
+  targets = set(checked.tolist())
+  if len(bounds) == 1:
+    parts = [_decode_packets(plan.packets, plan.output, targets, threads=0)]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(len(bounds)) as pool:
+      parts = list(pool.map(lambda b: _decode_packets(plan.packets[b[0]:b[1]], plan.output[b[0]:b[1]],
+                                                      targets, threads=1), bounds))
+  if any(part is None for part in parts):
+    return None
+  frames = [frame for part in parts for frame in part]
+  if len(frames) != len(checked) or not np.array_equal(frames[0], first):
+    return None  # frame 0 differs from the plain decode's: do not trust the rest
+  return frames if wanted[0] == 0 else frames[1:]
+
+
+def _decode_packets(packets: list[bytes], output: list[int], targets: set[int],
+                    threads: int) -> list[np.ndarray] | None:
+  """Decode Annex-B `packets` (starting at an IDR) from memory; the frames whose display index
+  (`output`, one per decoded frame) is in `targets`, BGR. None if the count of frames is off."""
   # OpenCV does not hold a reference to the stream object: keep it alive until release().
   stream = io.BytesIO(b"".join(packets))
-  sub = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])
+  sub = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, threads] if threads else [])
   try:
     if not sub.isOpened():
       return None
     frames = []
-    targets = set(checked.tolist())
     for index in output:
       if not sub.grab():
         return None
@@ -963,9 +1001,7 @@ def _read_refs(path: str, cap: cv2.VideoCapture, wanted: np.ndarray, access_unit
         if not ok or frame is None:
           return None
         frames.append(frame)
-    if sub.grab() or len(frames) != len(checked) or not np.array_equal(frames[0], first):
-      return None  # more pictures than packets kept, or frame 0 differs: do not trust the rest
-    return frames if wanted[0] == 0 else frames[1:]
+    return None if sub.grab() else frames  # more frames than packets kept: the mapping is off
   finally:
     sub.release()
     stream.close()
