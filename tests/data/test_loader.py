@@ -121,6 +121,17 @@ def test_worker_processes_give_the_same_batches_and_resume(recs, renderer):
   assert_same(rest, full[3:])
 
 
+def test_decode_workers_share_the_cores():
+  before = cv2.getNumThreads()
+  try:
+    Ld._init_decode_worker(0, 2)
+    assert cv2.getNumThreads() == max(1, os.cpu_count() // 2)
+    Ld._init_decode_worker(3, 4 * os.cpu_count())
+    assert cv2.getNumThreads() == 1
+  finally:
+    cv2.setNumThreads(before)
+
+
 def test_process_shards_cover_the_data_disjointly(recs, renderer):
   cfg = config(mode="prompt", batch_size=2, num_epochs=1, length_buckets=(512, 1024),
                vision_buckets=(128, 256))

@@ -372,7 +372,8 @@ def make_dataset(source: Sequence[Any] | tfds_builder.PreparedSource, renderer: 
   if config.num_workers > 0:
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
-                                                     per_worker_buffer_size=config.worker_buffer_size))
+                                                     per_worker_buffer_size=config.worker_buffer_size),
+                        worker_init_fn=_init_decode_worker)
   spec = config.spec
   if config.mode == "sft":
     it = PackedBatchIterDataset(it, spec, config.batch_size, config.pack_bins, config.on_bad_sample,
@@ -383,6 +384,14 @@ def make_dataset(source: Sequence[Any] | tfds_builder.PreparedSource, renderer: 
   if config.prefetch > 0:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=config.prefetch)
   return it
+
+
+def _init_decode_worker(worker_index: int, worker_count: int) -> None:
+  """Each worker process gets its share of the cores for OpenCV (its resize and the parallel H.264 /
+  HEVC decoders of `video._read_refs`); every worker would otherwise size itself to all cores."""
+  del worker_index
+  import cv2  # pylint: disable=g-import-not-at-top
+  cv2.setNumThreads(max(1, (os.cpu_count() or 1) // max(1, worker_count)))
 
 
 class LoaderIterator:
