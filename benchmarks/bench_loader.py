@@ -10,15 +10,16 @@
 2. Packing efficiency on the synthetic dataset (256 train records, 16 frames at 112x112 = 128 video
    tokens each, the synthetic tokenizer, the Video-Thinker prompt) for several (L, P) row shapes.
 
-Measured (session 10, `python benchmarks/bench_loader.py`; 2 CPU cores, load ~1; 36 samples, 3 per row):
+Measured (session 10, `python benchmarks/bench_loader.py`, with H.264 decoded from its reference pictures
+over parallel decoders and workers sized to cores / workers; 2 CPU cores; 36 samples, 3 per row):
 
   | codec | workers | samples/s (incl. start-up) | samples/s (steady) |
-  | h264  | 0       | 4.96                       | 5.70               |
-  | h264  | 1       | 3.96                       | 5.56               |
-  | h264  | 2       | 3.56                       | 9.37               |
-  | mp4v  | 0       | 10.99                      | 11.97              |
-  | mp4v  | 1       | 6.51                       | 9.38               |
-  | mp4v  | 2       | 4.96                       | 18.71              |
+  | h264  | 0       | 5.16                       | 6.11               |
+  | h264  | 1       | 4.99                       | 6.12               |
+  | h264  | 2       | 3.84                       | 8.64               |
+  | mp4v  | 0       | 10.13                      | 10.65              |
+  | mp4v  | 1       | 6.25                       | 8.37               |
+  | mp4v  | 2       | 5.73                       | 13.92              |
 
   (An earlier session's run, before H.264 was decoded from its reference pictures only: h264 1.15 / 1.13 /
   0.98 samples/s incl. start-up.) load_video alone vs the qwen-vl-utils-style reference:
