@@ -948,15 +948,21 @@ def _read_refs(path: str, cap: cv2.VideoCapture, wanted: np.ndarray, access_unit
   packets, as a raw stream from memory; None where this does not apply.
 
   `cap` is the caller's fresh capture: its frame 0 is read here and compared with the planned
-  decode's (a check that the raw stream decodes and converts as the container does), and the
-  capture is returned to frame 0.
+  decode's (a check that the raw stream decodes and converts as the container does); when None is
+  returned the capture is back at frame 0.
   """
   if not _refs_container(path):
     return None
   ok, first = cap.read()
-  cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-  if not ok or first is None:
-    return None
+  frames = _decode_plan(path, first, wanted, access_unit, cheaper_only) if ok and first is not None else None
+  if frames is None:
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+  return frames
+
+
+def _decode_plan(path: str, first: np.ndarray, wanted: np.ndarray, access_unit,
+                 cheaper_only: bool) -> list[np.ndarray] | None:
+  """`_read_refs` once the plain decode's frame 0 (`first`) is known."""
   checked = np.union1d(wanted, [0])
   plan = _plan_refs(path, checked, access_unit, cheaper_only)
   if plan is None:
