@@ -400,7 +400,8 @@ def test_load_video_decodes_with_the_sampling_strategy(tmp_path, monkeypatch):
   decode = V.decode_frames
   monkeypatch.setattr(V, "decode_frames", lambda *a, **k: used.append(k["strategy"]) or decode(*a, **k))
   s = V.VideoSampling(nframes=8, min_pixels=56 * 56, max_pixels=56 * 56)
-  out = {d: V.load_video(path, dataclasses.replace(s, decode=d)).pixel_values for d in ("auto", "seek", "refs")}
+  out = {d: V.load_video(path, dataclasses.replace(s, decode=d)).pixel_values
+         for d in ("auto", "seek", "refs")}
   assert used == ["auto", "seek", "refs"]
   np.testing.assert_array_equal(out["auto"], out["seek"])
   np.testing.assert_array_equal(out["refs"], out["seek"])

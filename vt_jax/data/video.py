@@ -74,7 +74,6 @@ import dataclasses
 import io
 import math
 import os
-import re
 import struct
 import time
 from typing import Literal
@@ -597,7 +596,7 @@ _HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 
 def _h264_sps(sps: bytes) -> tuple[bool, bool, int, bool]:
   """(frame_mbs_only_flag, mb_adaptive_frame_field_flag, log2_max_frame_num,
   separate_colour_plane_flag) of an H.264 SPS NAL unit, header byte included."""
-  b = _Bits(sps[1:].replace(b"\x00\x00\x03", b"\x00\x00"))
+  b = _Bits(_rbsp(sps[1:]))
   profile = b.u(8)
   b.u(16)  # constraint flags, level_idc
   b.ue()  # seq_parameter_set_id
@@ -630,15 +629,22 @@ def _h264_sps(sps: bytes) -> tuple[bool, bool, int, bool]:
 
 
 def _annexb_units(data: bytes) -> list[bytes]:
-  return [n.rstrip(b"\x00") for n in re.split(b"\x00\x00\x01", data)[1:] if n]
+  """The NAL units of an Annex-B byte stream (start codes and trailing zero bytes removed)."""
+  return [u for u in (n.rstrip(b"\x00") for n in data.split(b"\x00\x00\x01")[1:]) if u]
+
+
+def _rbsp(payload: bytes) -> bytes:
+  """A NAL unit's payload without its emulation prevention bytes (00 00 03 -> 00 00)."""
+  return payload.replace(b"\x00\x00\x03", b"\x00\x00")
 
 
 def _h264_interlaced(path: str, cap: cv2.VideoCapture) -> bool:
   """Whether an H.264 stream codes interlaced pictures (field macroblock pairs, or field pictures
   in its first packets), which FFmpeg flags interlaced and OpenCV 5.0's FFmpeg build then fails to
   convert to BGR, returning garbage without an error. Streams that only allow interlaced coding
-  (x264's fake-interlaced) decode fine and are not reported. False when no SPS can be read
-  (parameter sets in band) or it does not parse."""
+  (x264's fake-interlaced) decode fine and are not reported. The SPS comes from the container's
+  extradata (avcC or Annex B) or, in band, the first packet; False when there is none or it does
+  not parse."""
   ok, extra = cap.retrieve(None, int(cap.get(cv2.CAP_PROP_CODEC_EXTRADATA_INDEX)))
   data = extra.tobytes() if ok and extra is not None else b""
   raw = None
@@ -669,7 +675,7 @@ def _h264_interlaced(path: str, cap: cv2.VideoCapture) -> bool:
     for packet in packets:
       for unit in _annexb_units(packet):
         if unit[0] & 0x1F in (1, 5):
-          b = _Bits(unit[1:16].replace(b"\x00\x00\x03", b"\x00\x00"))
+          b = _Bits(_rbsp(unit[1:16]))
           b.ue(), b.ue(), b.ue()  # first_mb_in_slice, slice_type, pic_parameter_set_id
           if separate_planes:
             b.u(2)
@@ -799,14 +805,11 @@ def _h264_access_unit(data: bytes) -> tuple[bool, int, bool, bool]:
   H.264 has no temporal layers: the temporal id is 0.
   """
   ref = idr = slices = False
-  i = data.find(b"\x00\x00\x01")
-  while 0 <= i < len(data) - 3:
-    header = data[i + 3]
-    kind = header & 0x1F
-    ref |= (header >> 5) & 3 != 0 or kind in (7, 8)
+  for unit in _annexb_units(data):
+    kind = unit[0] & 0x1F
+    ref |= (unit[0] >> 5) & 3 != 0 or kind in (7, 8)
     idr |= kind == 5
     slices |= 1 <= kind <= 5
-    i = data.find(b"\x00\x00\x01", i + 3)
   return not ref, 0, idr, slices
 
 
@@ -818,17 +821,15 @@ def _hevc_access_unit(data: bytes) -> tuple[bool, int, bool, bool]:
   of higher layers may, which `_plan_refs` checks. VPS/SPS/PPS make the packet a reference.
   """
   non_ref, idr, slices, tid = True, False, False, 0
-  i = data.find(b"\x00\x00\x01")
-  while 0 <= i < len(data) - 4:
-    kind = (data[i + 3] >> 1) & 0x3F
-    if kind < 32:
+  for unit in _annexb_units(data):
+    kind = (unit[0] >> 1) & 0x3F
+    if kind < 32 and len(unit) > 1:
       slices = True
-      tid = max(tid, (data[i + 4] & 7) - 1)
+      tid = max(tid, (unit[1] & 7) - 1)
       non_ref &= kind <= 14 and kind % 2 == 0
       idr |= kind in (19, 20)
     elif kind in (32, 33, 34):
       non_ref = False
-    i = data.find(b"\x00\x00\x01", i + 3)
   return non_ref and slices, tid, idr, slices
 
 
@@ -856,10 +857,11 @@ def _plan_refs(path: str, wanted: np.ndarray, access_unit=_h264_access_unit,
   The stream is cut into IDR periods (no picture references across an IDR): periods holding no
   wanted frame are skipped whole; in the others only the reference pictures up to the last
   wanted one (in decode order) and the wanted pictures are kept (an HEVC sub-layer non-reference
-  picture counts as a reference when the period has pictures of a higher temporal layer). Display indices are the packets'
-  timestamps ranked within each period. Returns the plan, or None where it cannot be trusted (no IDR first,
-  a packet without a picture, repeated or missing timestamps, fewer frames than wanted, a period
-  over REFS_MAX_HELD_BYTES): the caller then decodes the plain way.
+  picture counts as a reference when the period has pictures of a higher temporal layer).
+  Display indices are the packets' timestamps ranked within each period. Returns the plan, or
+  None where it cannot be trusted (no IDR first, a packet without a picture, repeated or missing
+  timestamps, fewer frames than wanted, a period over REFS_MAX_HELD_BYTES): the caller then
+  decodes the plain way.
 
   cheaper_only: also None when the plan decodes more pictures than seeking / grabbing would (an
   open-GOP stream has IDRs only where the encoder was forced to, so one period may span the
