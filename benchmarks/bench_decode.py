@@ -88,7 +88,7 @@ def step_programs(model, length: int):
     m = nnx.merge(graphdef, state)
 
     def body(_, h):
-      return h + m.logits(h, weights.head)[:, :hidden] * 1e-9
+      return h + m.decode_logits(h, weights)[:, :hidden] * 1e-9
     return jax.lax.fori_loop(0, STEPS, body, jnp.ones((ROWS, hidden), jnp.float32) + tokens[:, None])
 
   with_weights = lambda fn: functools.partial(jax.jit(fn), weights=weights)

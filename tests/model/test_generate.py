@@ -146,19 +146,29 @@ def test_prefill_self_attention_equals_attention_against_the_cache(models):
   assert int(c_self.index) == t
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("dtype,tie", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)])
-def test_decode_weights_give_the_same_logits(dtype, tie):
-  """`decode_weights()` on CPU: a tied fp32 table comes as a `[D, V]` copy (XLA:CPU's faster decode layout,
-  else None) and the decoder layers as one param state per layer; decode steps through them, on a
-  per-layer cache (the layers unrolled), give the logits and cache of the stacked scan."""
+def test_decode_weights_give_the_same_logits(dtype, tie, kernel, monkeypatch):
+  """`decode_weights()` on CPU: the output table packed for the CPU logits kernel or, with the kernel off,
+  a tied fp32 table as a `[D, V]` copy (XLA:CPU's faster decode layout, else None); the decoder layers as
+  one param state per layer. Decode steps through them, on a per-layer cache (the layers unrolled), give
+  the logits and cache of the stacked scan."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
+  from vt_jax.kernels import cpu as cpu_kernels  # pylint: disable=import-outside-toplevel
   from vt_jax.model.modeling import Qwen25VL  # pylint: disable=import-outside-toplevel
+  if not kernel:
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+  elif cpu_kernels.unavailable() is not None:
+    pytest.skip(f"CPU kernel unavailable: {cpu_kernels.unavailable()}")
   config = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, tie_word_embeddings=tie))
   model = Qwen25VL(config, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype)
   weights = model.decode_weights()
   d, v = config.text.hidden_size, config.text.vocab_size
-  if tie and dtype == jnp.float32:
+  if kernel:
+    pair = 2 if dtype == jnp.bfloat16 else 1
+    assert weights.head is None and weights.packed_head.shape == (-(-v // 32), d // pair, 32, pair)
+  elif tie and dtype == jnp.float32:
     assert weights.head.shape == (d, v)
     np.testing.assert_array_equal(np.asarray(weights.head), np.asarray(model.text.embed_tokens[...]).T)
   else:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from vt_jax.kernels import cpu as cpu_kernels
 from vt_jax.model import sharding as S
 from vt_jax.model.config import PRESETS
 from vt_jax.model.inputs import build_model_inputs
@@ -332,8 +333,8 @@ def test_sharded_sampler_equals_single_device():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_sample_and_stream_decode_with_the_models_decode_weights(tie, monkeypatch):
-  """`sample` and `stream` hand the decode loop `model.decode_weights()` (on CPU: the tied fp32 table as a
-  `[D, V]` copy, else no head; the layers one state each, run unrolled on a per-layer cache); the loop's
+  """`sample` and `stream` hand the decode loop `model.decode_weights()` (on CPU: the table packed for the
+  logits kernel, or where it cannot run the tied fp32 table as a `[D, V]` copy, else no head; the layers one state each, run unrolled on a per-layer cache); the loop's
   results do not show it, so the calls are checked -- and the tokens equal those of the stacked scan
   (layer copies off by `DECODE_LAYER_COPY_LIMIT`)."""
   import dataclasses
@@ -349,9 +350,13 @@ def test_sample_and_stream_decode_with_the_models_decode_weights(tie, monkeypatc
   unrolled = SM.sample(model, batch, key=jax.random.key(0), config=sampling)
   streamed = list(SM.stream(model, batch, key=jax.random.key(0), config=sampling))
   assert len(seen) == 1 + len(streamed)  # one sample call, one per stream step
+  table = model.text.embed_tokens[...] if tie else model.lm_head.kernel[...].T
   for weights in seen:
-    if tie:
-      np.testing.assert_array_equal(np.asarray(weights.head), np.asarray(model.text.embed_tokens[...]).T)
+    if cpu_kernels.unavailable() is None:  # the packed table for the CPU logits kernel, untied heads too
+      assert weights.head is None
+      np.testing.assert_array_equal(np.asarray(weights.packed_head), np.asarray(cpu_kernels.pack_table(table)))
+    elif tie:
+      np.testing.assert_array_equal(np.asarray(weights.head), np.asarray(table).T)
     else:
       assert weights.head is None
     assert len(weights.layers) == config.text.num_hidden_layers

@@ -1,0 +1,1 @@
+"""Hand-written kernels behind model interfaces, each with an XLA fallback (see the modules)."""
