@@ -79,7 +79,7 @@ def step_programs(model, length: int):
     def body(_, cache):
       pos = jnp.broadcast_to(cache.next_position[None, :, None], (3, ROWS, 1))
       h, cache = m.text.extend(m.text.embed(tokens[:, None]), pos, jnp.ones((ROWS, 1), bool), cache,
-                               layer_params=weights.layers)
+                               layer_params=weights.layers, packed_layers=weights.packed_layers)
       return cache.replace(next_position=cache.next_position + 1 + (h[:, 0, 0] > 1e30).astype(jnp.int32))
     cache = jax.lax.fori_loop(0, STEPS, body, new_cache(m, weights))
     return sum(k[:, :, :STEPS].sum() for k in cache.k) + cache.next_position.sum()

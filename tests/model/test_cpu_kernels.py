@@ -1,6 +1,6 @@
-"""The CPU logits kernel (`vt_jax.kernels.cpu`): equals XLA's dot on every row count, dtype and table tail,
-is what the decode loop uses on one CPU device (not on a sharded table, not when switched off), and sampling
-through it equals sampling through XLA."""
+"""The CPU packed-dot kernel (`vt_jax.kernels.cpu`): equals XLA's dot on every row count, dtype and table
+tail, is what the decode loop uses for its logits and projections on one CPU device (not on a sharded
+table, not when switched off), and sampling through it equals sampling through XLA."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +10,7 @@ from flax import nnx
 from vt_jax.kernels import cpu as K
 from vt_jax.model.config import PRESETS
 from vt_jax.model.modeling import Qwen25VL
+from vt_jax.model.text import DecoderLayer
 from vt_jax.train import sampler as SM
 
 needs_kernel = pytest.mark.skipif(K.unavailable() is not None, reason=f"CPU kernel unavailable: {K.unavailable()}")
@@ -24,7 +25,7 @@ def test_kernel_equals_xla_dot(dtype, rows, vocab, hidden):
   k1, k2 = jax.random.split(jax.random.key(rows * vocab))
   x = jax.random.normal(k1, (rows, hidden), jnp.float32)
   table = (jax.random.normal(k2, (vocab, hidden)) * 0.05).astype(dtype)
-  got = jax.jit(lambda x, p: K.logits(x, p, vocab))(x, K.pack_table(table))
+  got = jax.jit(lambda x, p: K.packed_dot(x, p, vocab))(x, K.pack_table(table))
   want = jnp.einsum("md,vd->mv", x.astype(dtype), table, preferred_element_type=jnp.float32)
   assert got.shape == (rows, vocab) and got.dtype == jnp.float32
   exact = np.asarray(x.astype(dtype), np.float64) @ np.asarray(table, np.float64).T
@@ -46,8 +47,8 @@ def test_pack_table_layout():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_decode_loop_uses_kernel_and_samples_the_same(dtype, monkeypatch):
-  """On one CPU device the decode weights carry the packed table; sampling through the kernel gives XLA's
-  tokens and log-probs (switched off by VT_JAX_CPU_KERNELS=0)."""
+  """On one CPU device the decode weights carry the packed table and projections; sampling through the
+  kernel gives XLA's tokens and log-probs (switched off by VT_JAX_CPU_KERNELS=0)."""
   model = Qwen25VL(PRESETS["tiny"], rngs=nnx.Rngs(5), dtype=dtype, param_dtype=dtype)
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 900, size=(3, 7)).astype(np.int32)
@@ -56,13 +57,14 @@ def test_decode_loop_uses_kernel_and_samples_the_same(dtype, monkeypatch):
   config = SM.SamplingConfig(temperature=1.0, max_new_tokens=6, eos_ids=(999,), pad_id=990)
   monkeypatch.setenv(K.ENV_SWITCH, "0")
   off = model.decode_weights()
-  assert off.packed_head is None
+  assert off.packed_head is None and off.packed_layers is None
   xla = SM.sample(model, prompts, key=jax.random.key(1), config=config)
   monkeypatch.delenv(K.ENV_SWITCH)
   if K.unavailable() is not None:
     pytest.skip(f"CPU kernel unavailable: {K.unavailable()}")
   on = model.decode_weights()
   assert on.packed_head is not None and on.head is None
+  assert [set(p) for p in on.packed_layers] == [set(DecoderLayer.PROJECTIONS)] * PRESETS["tiny"].text.num_hidden_layers
   kernel = SM.sample(model, prompts, key=jax.random.key(1), config=config)
   np.testing.assert_array_equal(np.asarray(kernel.tokens), np.asarray(xla.tokens))
   np.testing.assert_allclose(np.asarray(kernel.logprobs), np.asarray(xla.logprobs), atol=1e-4)

@@ -149,7 +149,7 @@ def test_prefill_self_attention_equals_attention_against_the_cache(models):
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("dtype,tie", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)])
 def test_decode_weights_give_the_same_logits(dtype, tie, kernel, monkeypatch):
-  """`decode_weights()` on CPU: the output table packed for the CPU logits kernel or, with the kernel off,
+  """`decode_weights()` on CPU: the output table packed for the CPU kernel or, with the kernel off,
   a tied fp32 table as a `[D, V]` copy (XLA:CPU's faster decode layout, else None); the decoder layers as
   one param state per layer. Decode steps through them, on a per-layer cache (the layers unrolled), give
   the logits and cache of the stacked scan."""

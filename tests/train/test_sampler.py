@@ -334,9 +334,9 @@ def test_sharded_sampler_equals_single_device():
 @pytest.mark.parametrize("tie", [True, False])
 def test_sample_and_stream_decode_with_the_models_decode_weights(tie, monkeypatch):
   """`sample` and `stream` hand the decode loop `model.decode_weights()` (on CPU: the table packed for the
-  logits kernel, or where it cannot run the tied fp32 table as a `[D, V]` copy, else no head; the layers one state each, run unrolled on a per-layer cache); the loop's
-  results do not show it, so the calls are checked -- and the tokens equal those of the stacked scan
-  (layer copies off by `DECODE_LAYER_COPY_LIMIT`)."""
+  CPU kernel, or where it cannot run the tied fp32 table as a `[D, V]` copy, else no head; the layers one
+  state each, run unrolled on a per-layer cache); the loop's results do not show it, so the calls are
+  checked -- and the tokens equal those of the stacked scan (layer copies off by `DECODE_LAYER_COPY_LIMIT`)."""
   import dataclasses
   from vt_jax.model import modeling
   config = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, tie_word_embeddings=tie))
@@ -352,7 +352,7 @@ def test_sample_and_stream_decode_with_the_models_decode_weights(tie, monkeypatc
   assert len(seen) == 1 + len(streamed)  # one sample call, one per stream step
   table = model.text.embed_tokens[...] if tie else model.lm_head.kernel[...].T
   for weights in seen:
-    if cpu_kernels.unavailable() is None:  # the packed table for the CPU logits kernel, untied heads too
+    if cpu_kernels.unavailable() is None:  # the packed table for the CPU kernel, untied heads too
       assert weights.head is None
       np.testing.assert_array_equal(np.asarray(weights.packed_head), np.asarray(cpu_kernels.pack_table(table)))
     elif tie:

@@ -1,9 +1,10 @@
 """x86-64 CPU kernels for the decode loop: XLA FFI custom calls, built on first use with the system C++ compiler.
 
-`logits(x, packed, vocab)`: a decode step's output projection, `[M, D] x [V, D]^T -> [M, V]` fp32, against a
-table packed once per generation by `pack_table` (`cpu_logits.cc` says why: XLA:CPU's GEMM library repacks
-the table on every call). On the small preset's 151,936 x 512 table and 8 rows: bf16 3.1 vs 6.8 ms, fp32 6.7
-vs 12.9 ms (`benchmarks/bench_decode.py` times it in place).
+`packed_dot(x, packed, n)`: a few rows against a weight matrix packed once per generation by `pack_table`,
+`[M, D] x [N, D]^T -> [M, N]` fp32 -- a decode step's logits and its decoder layers' projections
+(`cpu_packed_dot.cc` says why: XLA:CPU's GEMM library repacks the weights on every call). On the small preset,
+8 rows: logits (151,936 x 512) bf16 3.1 vs 6.8 ms, fp32 6.7 vs 12.9 ms; the 8 decoder layers' 56
+projections 1.3 vs 2.9 ms (`benchmarks/bench_decode.py` times them in place).
 
 `unavailable()` is None where the kernel runs, else why not: not x86-64 Linux, no AVX-512F / AVX512-BF16,
 no C++17 compiler (`CXX`, else c++ / g++ / clang++), or `VT_JAX_CPU_KERNELS=0`. Callers then use XLA's dot.
@@ -28,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_logits.cc")
-TARGET = "vt_cpu_logits"
+SOURCE = pathlib.Path(__file__).with_name("cpu_packed_dot.cc")
+TARGET = "vt_cpu_packed_dot"
 BLOCK = 32  # vocabulary rows per packed block (kBlock in the source)
 ENV_SWITCH = "VT_JAX_CPU_KERNELS"
 
@@ -58,7 +59,7 @@ def build() -> pathlib.Path:
   cxx = _compiler()
   source = SOURCE.read_bytes()
   key = hashlib.sha256(source + jax.lib.__version__.encode() + cxx.encode()).hexdigest()[:16]
-  out = cache_dir() / f"cpu_logits-{key}.so"
+  out = cache_dir() / f"cpu_packed_dot-{key}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,13 +83,13 @@ def _load() -> None:
       if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         raise KernelUnavailable(f"x86-64 Linux only (this is {sys.platform} / {platform.machine()})")
       lib = ctypes.CDLL(str(build()))
-      if not lib.vt_cpu_logits_supported():
+      if not lib.vt_cpu_packed_dot_supported():
         raise KernelUnavailable("this CPU lacks AVX-512F or AVX512-BF16")
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VtCpuLogits), platform="cpu")
+      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VtCpuPackedDot), platform="cpu")
       _loaded["lib"] = lib
     except (KernelUnavailable, OSError) as e:
       _loaded["why"] = str(e)
-      log.warning("CPU logits kernel unavailable, XLA's dot runs instead: %s", e)
+      log.warning("CPU packed-dot kernel unavailable, XLA's dots run instead: %s", e)
 
 
 def unavailable() -> str | None:
@@ -99,13 +100,14 @@ def unavailable() -> str | None:
   return _loaded.get("why")
 
 
-def packable(table, hidden_size: int) -> bool:
-  """Whether an output table (`[V, D]` or `[D, V]`, D = hidden_size) can go through the kernel here: bf16
-  (even D) or fp32, a concrete array on one CPU device (the custom call is not partitioned), and the kernel
-  available."""
+def packable(table, contracted: int, dtype=None) -> bool:
+  """Whether a weight matrix (`[N, D]` or `[D, N]`, D = contracted), cast to dtype (default its own), can go
+  through the kernel here: bf16 (even D) or fp32, a concrete array on one CPU device (the custom call is
+  not partitioned), and the kernel available."""
   if isinstance(table, jax.core.Tracer) or not isinstance(table, jax.Array) or table.ndim != 2:
     return False
-  if table.dtype not in (jnp.bfloat16, jnp.float32) or (table.dtype == jnp.bfloat16 and hidden_size % 2):
+  dtype = jnp.dtype(table.dtype if dtype is None else dtype)
+  if dtype not in (jnp.bfloat16, jnp.float32) or (dtype == jnp.bfloat16 and contracted % 2):
     return False
   devices = table.sharding.device_set
   if len(devices) != 1 or next(iter(devices)).platform != "cpu":
@@ -124,11 +126,12 @@ def pack_table(table: jax.Array) -> jax.Array:
   return table.reshape(blocks, BLOCK, d // pair, pair).transpose(0, 2, 1, 3)
 
 
-def logits(x: jax.Array, packed: jax.Array, vocab: int) -> jax.Array:
-  """`[M, D]` rows (cast to the table's dtype) against a `pack_table` table -> `[M, vocab]` fp32."""
-  if x.ndim != 2 or packed.ndim != 4 or x.shape[1] != packed.shape[1] * packed.shape[3]:
-    raise ValueError(f"logits: x {x.shape} does not match a packed table {packed.shape}")
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], vocab), jnp.float32))
-  return call(x.astype(packed.dtype), packed, vocab=np.int64(vocab))
+def packed_dot(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+  """`[M, D]` rows (cast to the table's dtype) against a `pack_table` table of n rows -> `[M, n]` fp32."""
+  if x.ndim != 2 or packed.ndim != 4 or x.shape[1] != packed.shape[1] * packed.shape[3] or \
+      packed.shape[0] != -(-n // BLOCK):
+    raise ValueError(f"packed_dot: x {x.shape} and n={n} do not match a packed table {packed.shape}")
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
+  return call(x.astype(packed.dtype), packed, vocab=np.int64(n))
 
 

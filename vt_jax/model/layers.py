@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vt_jax.kernels import cpu as cpu_kernels
 from vt_jax.model import sharding
 from vt_jax.model.platform import current_platform
 
@@ -60,6 +61,25 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
+
+  def pack(self) -> jax.Array | None:
+    """The kernel in the compute dtype packed for the CPU kernel (`kernels.cpu.pack_table`), or None where
+    it cannot run (see `kernels.cpu.packable`). Eager, once per generation."""
+    if len(self.in_shape) != 1 or len(self.out_shape) != 1:
+      return None
+    kernel = self.kernel[...]
+    if not cpu_kernels.packable(kernel, self.in_shape[0], self.dtype):
+      return None
+    return cpu_kernels.pack_table(kernel.astype(self.dtype).T)
+
+  def apply_packed(self, x: jax.Array, packed: jax.Array | None) -> jax.Array:
+    """`self(x)` through the CPU kernel on `pack()`'s weights (None: `self(x)`). Same products, fp32 sums."""
+    if packed is None:
+      return self(x)
+    y = cpu_kernels.packed_dot(x.reshape(-1, self.in_shape[0]).astype(self.dtype), packed, self.out_shape[0])
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype).reshape(*x.shape[:-1], self.out_shape[0])
 
 
 def _matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:

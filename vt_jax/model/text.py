@@ -43,26 +43,38 @@ class DecoderLayer(nnx.Module):
     self.up_proj = Linear(d, cfg.intermediate_size, axes=("embed", "mlp"), bias=False, **kw)
     self.down_proj = Linear(cfg.intermediate_size, d, axes=("mlp", "embed"), bias=False, **kw)
 
-  def project(self, x, cos, sin, rules=None):
-    """x `[B, L, D]` -> q `[B, L, H, hd]`, k, v `[B, L, K, hd]` (rotary applied to q and k)."""
+  PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+  def pack_projections(self) -> dict:
+    """The projections packed for the CPU kernel (`Linear.pack`), by name; those it cannot take are left
+    out. Eager, once per generation (`Qwen25VL.decode_weights`)."""
+    packed = {name: getattr(self, name).pack() for name in self.PROJECTIONS}
+    return {name: p for name, p in packed.items() if p is not None}
+
+  def _proj(self, name, x, packed):
+    return getattr(self, name).apply_packed(x, None if packed is None else packed.get(name))
+
+  def project(self, x, cos, sin, rules=None, packed=None):
+    """x `[B, L, D]` -> q `[B, L, H, hd]`, k, v `[B, L, K, hd]` (rotary applied to q and k).
+    packed: `pack_projections()`, to run the projections through the CPU kernel."""
     b, l, _ = x.shape
     h = self.input_layernorm(x)
-    q = self.q_proj(h).reshape(b, l, self.num_heads, self.head_dim)
-    k = self.k_proj(h).reshape(b, l, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(h).reshape(b, l, self.num_kv_heads, self.head_dim)
+    q = self._proj("q_proj", h, packed).reshape(b, l, self.num_heads, self.head_dim)
+    k = self._proj("k_proj", h, packed).reshape(b, l, self.num_kv_heads, self.head_dim)
+    v = self._proj("v_proj", h, packed).reshape(b, l, self.num_kv_heads, self.head_dim)
     q = constrain(apply_rotary(q, cos, sin), ("act_batch", "act_length", "act_heads", "act_head_dim"), rules)
     k = constrain(apply_rotary(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), rules)
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"), rules)
     return q, k, v
 
-  def finish(self, x, attn_out, rules=None, residual=ACT):
+  def finish(self, x, attn_out, rules=None, residual=ACT, packed=None):
     """Residual after attention (attn_out `[B, L, H, hd]`), then the SwiGLU MLP block; the output is
-    constrained to the logical axes `residual`."""
+    constrained to the logical axes `residual`. packed: as in `project`."""
     b, l = x.shape[:2]
-    x = x + self.o_proj(attn_out.reshape(b, l, -1))
+    x = x + self._proj("o_proj", attn_out.reshape(b, l, -1), packed)
     h = self.post_attention_layernorm(x)
-    product = gated(self.act, self.gate_proj(h), self.up_proj(h))
-    x = x + self.down_proj(constrain(product, ("act_batch", "act_length", "act_mlp"), rules))
+    product = gated(self.act, self._proj("gate_proj", h, packed), self._proj("up_proj", h, packed))
+    x = x + self._proj("down_proj", constrain(product, ("act_batch", "act_length", "act_mlp"), rules), packed)
     return constrain(x, residual, rules)
 
   def __call__(self, x, cos, sin, segment_ids, rules=None):
@@ -148,7 +160,8 @@ class TextDecoder(nnx.Module):
                    valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
                    next_position=jnp.zeros((batch,), jnp.int32))
 
-  def extend(self, x, positions, new_valid, cache: KVCache, *, empty: bool = False, layer_params=None):
+  def extend(self, x, positions, new_valid, cache: KVCache, *, empty: bool = False, layer_params=None,
+             packed_layers=None):
     """Appends T tokens per row at the shared write index and runs them against the cache.
 
     x `[B, T, D]`, positions `[3, B, T]`, new_valid `[B, T]` bool (False for prompt padding). empty: the
@@ -157,6 +170,7 @@ class TextDecoder(nnx.Module):
     whole cache -- the same masks, since every other slot is later than every new token.
     layer_params: per-layer params (`unstacked_states`, made once per generation) for a per-layer cache;
     default: sliced from the stacked layers here.
+    packed_layers: with a per-layer cache, each layer's `pack_projections()` (CPU kernel), or None.
     Returns (final-normed hidden `[B, T, D]`, updated cache; next_position is left to the caller).
     """
     batch, t = new_valid.shape
@@ -167,17 +181,17 @@ class TextDecoder(nnx.Module):
     kv_pos = jnp.broadcast_to(jnp.arange(cache.max_length), (batch, cache.max_length))
     q_seg, kv_seg = new_valid.astype(jnp.int32), valid.astype(jnp.int32)
 
-    def attend(layer, x, update):
+    def attend(layer, x, update, packed=None):
       """One layer; `update(k, v)` stores the new `[B, K, T, hd]` k/v and returns the layer's whole k and v
       cache plus what the scan carries out."""
-      q, k, v = layer.project(x, cos, sin, self.rules)
+      q, k, v = layer.project(x, cos, sin, self.rules, packed)
       k_layer, v_layer, out_cache = update(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
       if empty:
         out = attention(q, k, v, q_seg, q_seg, causal=True, impl=layer.attention_impl)
       else:
         out = cache_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), q_seg, kv_seg,
                               q_positions=q_pos, kv_positions=kv_pos, impl=layer.attention_impl)
-      return layer.finish(x, out, self.rules), out_cache
+      return layer.finish(x, out, self.rules, packed=packed), out_cache
 
     def put(layer_cache, new):
       """The T new slots into one layer's `[B, K, S, hd]` cache at the write index (through the bits of a
@@ -201,7 +215,8 @@ class TextDecoder(nnx.Module):
           ks[i], vs[i] = put(ks[i], k), put(vs[i], v)
           return ks[i], vs[i], None
 
-        x, _ = attend(nnx.merge(graphdef, state), x, update)
+        packed = None if packed_layers is None else packed_layers[i]
+        x, _ = attend(nnx.merge(graphdef, state), x, update, packed)
       k_new, v_new = tuple(ks), tuple(vs)
     elif current_platform() == "cpu":
       # XLA:CPU copies a scanned layer's cache slice in and out at every step (the decoder layers of a

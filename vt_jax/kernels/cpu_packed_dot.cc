@@ -1,12 +1,12 @@
-// Output-projection logits for a few rows on x86-64 CPUs with AVX-512: out[m, v] = sum_d x[m, d] * w[v, d],
-// accumulated in fp32.
+// A few rows against a packed weight matrix on x86-64 CPUs with AVX-512: out[m, v] = sum_d x[m, d] * w[v, d],
+// accumulated in fp32 -- a decode step's logits (v over the 151,936-row output table) and projections.
 //
-// A decode step contracts ~8 rows against the whole output table (151,936 x 512 for Qwen2.5-VL). XLA:CPU
-// hands that dot to a GEMM library that repacks the table on every call, so the step reads and writes it
-// ~3 times. Here the table is packed once per generation (`pack_table` in kernels/cpu.py) into blocks of
-// 32 vocabulary rows, `[V/32, D/P, 32, P]` with P = 2 bf16 (one VDPBF16PS pair) or P = 1 fp32, and each
-// block is read once, in order, and contracted against every row of x: the output's 32 columns of a row
-// accumulate in two vectors, so no horizontal sums. bf16 products are exact in fp32; the sums are fp32.
+// XLA:CPU hands such a dot (~8 rows) to a GEMM library that repacks the weights on every call, so a decode
+// step reads and writes every weight ~3 times. Here the weights are packed once per generation
+// (`pack_table` in kernels/cpu.py) into blocks of 32 output rows, `[V/32, D/P, 32, P]` with P = 2 bf16 (one
+// VDPBF16PS pair) or P = 1 fp32, and each block is read once, in order, and contracted against every row
+// of x: a row's 32 outputs accumulate in two vectors, so no horizontal sums. bf16 products are exact in
+// fp32; the sums are fp32.
 
 #include <immintrin.h>
 
@@ -124,19 +124,19 @@ void Run(ffi::ThreadPool& pool, const T* x, const T* w, float* out, int64_t rows
 }
 
 // x [M, D]; w packed [ceil(V / 32), D / P, 32, P] (P = 2 for bf16, 1 for fp32); attr vocab = V.
-ffi::Error Logits(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::Buffer<ffi::F32>> out,
+ffi::Error PackedDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::Buffer<ffi::F32>> out,
                   int64_t vocab) {
   auto xd = x.dimensions(), wd = w.dimensions();
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
   const int64_t pack = bf16 ? 2 : 1;
   if (x.element_type() != w.element_type() || (!bf16 && x.element_type() != ffi::DataType::F32))
-    return ffi::Error::InvalidArgument("vt_cpu_logits: x and w must both be bf16 or both fp32");
+    return ffi::Error::InvalidArgument("vt_cpu_packed_dot: x and w must both be bf16 or both fp32");
   if (xd.size() != 2 || wd.size() != 4 || wd[0] != (vocab + kBlock - 1) / kBlock || wd[1] * pack != xd[1] ||
       wd[2] != kBlock || wd[3] != pack)
-    return ffi::Error::InvalidArgument("vt_cpu_logits: x [M, D] and a packed w [ceil(V/32), D/P, 32, P] expected");
+    return ffi::Error::InvalidArgument("vt_cpu_packed_dot: x [M, D] and a packed w [ceil(V/32), D/P, 32, P] expected");
   auto od = out->dimensions();
   if (od.size() != 2 || od[0] != xd[0] || od[1] != vocab)
-    return ffi::Error::InvalidArgument("vt_cpu_logits: out must be [M, V]");
+    return ffi::Error::InvalidArgument("vt_cpu_packed_dot: out must be [M, V]");
   const int64_t rows = xd[0], d = xd[1];
   float* o = out->typed_data();
   if (bf16) {
@@ -151,7 +151,7 @@ ffi::Error Logits(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VtCpuLogits, Logits,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VtCpuPackedDot, PackedDot,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
@@ -160,7 +160,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VtCpuLogits, Logits,
                                   .Attr<int64_t>("vocab"));
 
 // 1 where this CPU runs the kernel (AVX-512F and AVX512-BF16), else 0.
-extern "C" int vt_cpu_logits_supported() {
+extern "C" int vt_cpu_packed_dot_supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
 }
