@@ -367,3 +367,19 @@ def test_sample_and_stream_decode_with_the_models_decode_weights(tie, monkeypatc
   assert seen[0].layers is None
   np.testing.assert_array_equal(np.asarray(scanned.tokens), np.asarray(unrolled.tokens))
   np.testing.assert_allclose(np.asarray(scanned.logprobs), np.asarray(unrolled.logprobs), atol=1e-5)
+
+
+def test_vision_rows_encoded_one_by_one_equal_the_batch(model):
+  """Inference on one CPU device encodes the vision rows one after another (`vision_row_by_row`); the
+  embeddings equal those of the batched tower (a row without vision too), and not inside a mesh."""
+  from vt_jax.model.modeling import vision_row_by_row  # pylint: disable=import-outside-toplevel
+  batch = make_prompts(7, rows=[[("video", (2, 4, 4))], [("text", 6)], [("image", (1, 4, 4)), ("video", (2, 4, 8))]])
+  args = [jnp.asarray(batch[k]) for k in SM.VISION_KEYS]
+  assert args[0].shape[0] == 3
+  encode = nnx.jit(lambda m, a, row_by_row: m.encode_vision(*a, row_by_row=row_by_row), static_argnums=2)
+  rows, batched = encode(model, args, True), encode(model, args, False)
+  np.testing.assert_allclose(np.asarray(rows), np.asarray(batched), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(batched)).max() > 0.1
+  assert vision_row_by_row()
+  with jax.set_mesh(S.make_mesh(data=8)):
+    assert not vision_row_by_row()

@@ -27,6 +27,12 @@ from vt_jax.model.vision import VisionTower
 DECODE_LAYER_COPY_LIMIT = 2 << 30
 
 
+def vision_row_by_row() -> bool:
+  """Whether inference should encode vision rows one by one (`Qwen25VL.encode_vision`): on CPU, outside a
+  mesh (on a mesh the rows are sharded, and a map over them would gather them)."""
+  return current_platform() == "cpu" and jax.sharding.get_abstract_mesh().empty
+
+
 @flax.struct.dataclass
 class DecodeWeights:
   """What a loop of decode steps reads in place of the model's params (`Qwen25VL.decode_weights`).
@@ -76,9 +82,18 @@ class Qwen25VL(nnx.Module):
 
   # ---- pieces --------------------------------------------------------------------------------------------
 
-  def encode_vision(self, pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids):
-    """`[B, P, patch_dim]` window-ordered patches (+ `[B, P, 2]`, `[B, P]`, `[B, P]`) -> `[B, P/4, D]`."""
-    return self.visual(pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids)
+  def encode_vision(self, pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids, *,
+                    row_by_row: bool = False):
+    """`[B, P, patch_dim]` window-ordered patches (+ `[B, P, 2]`, `[B, P]`, `[B, P]`) -> `[B, P/4, D]`.
+
+    row_by_row: encode the rows one after another (`lax.map`), with one row's temporaries; equal up to
+    the dots' summation order. For inference on one CPU device (`vision_row_by_row()`): XLA:CPU touches
+    fresh pages for its temporaries on every call, and bench_rollout's 8 videos encode in 0.50 instead of
+    0.83 s (bf16)."""
+    args = (pixel_values, vision_pos_hw, vision_window_ids, vision_group_ids)
+    if not row_by_row or pixel_values.shape[0] == 1:
+      return self.visual(*args)
+    return jax.lax.map(lambda row: self.visual(*(a[None] for a in row))[0], args)
 
   def embed(self, input_ids, *, vision_embeds=None, vision_token_index=None):
     """Token embeddings `[B, L, D]` with vision tokens put in place: token i takes

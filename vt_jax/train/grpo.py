@@ -53,6 +53,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vt_jax.model.logprobs import token_logprobs
+from vt_jax.model.modeling import vision_row_by_row
 from vt_jax.train import distributed, grpo_loss as loss_lib, rewards as rewards_lib, sampler as sampler_lib
 from vt_jax.train import sft, trainer
 
@@ -169,7 +170,7 @@ def _logprobs_jit(graphdef, params, rest, batch, *, chunk_size, temperature):
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _encode_jit(graphdef, params, rest, pixel_values, pos_hw, window_ids, group_ids):
   model = nnx.merge(graphdef, params, rest)
-  return model.encode_vision(pixel_values, pos_hw, window_ids, group_ids)
+  return model.encode_vision(pixel_values, pos_hw, window_ids, group_ids, row_by_row=vision_row_by_row())
 
 
 def _copy_tree(tree, dtype=None):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vt_jax.model.modeling import vision_row_by_row
 from vt_jax.model.sharding import constrain
 from vt_jax.model.text import CACHE
 
@@ -292,7 +293,8 @@ def _prefill(model, arrays: dict[str, jax.Array], max_new_tokens: int, cache_dty
   b, l = arrays["input_ids"].shape
   vision_embeds = arrays.get("vision_embeds")
   if vision_embeds is None and "pixel_values" in arrays:
-    vision_embeds = model.encode_vision(*(arrays[k] for k in VISION_KEYS))  # once per prompt, not per sample
+    vision_embeds = model.encode_vision(*(arrays[k] for k in VISION_KEYS),  # once per prompt, not per sample
+                                        row_by_row=vision_row_by_row())
   cache = model.init_cache(b, l + max_new_tokens, dtype=cache_dtype)
   logits, cache = model.prefill(cache, arrays["input_ids"], arrays["positions"], arrays["segment_ids"],
                                 vision_embeds=vision_embeds, vision_token_index=arrays.get("vision_token_index"),
