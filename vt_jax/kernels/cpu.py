@@ -93,7 +93,7 @@ def _load() -> None:
 
 
 def unavailable() -> str | None:
-  """None where `logits` can run in this process, else the reason."""
+  """None where `packed_dot` can run in this process, else the reason."""
   if os.environ.get(ENV_SWITCH, "1") == "0":
     return f"disabled by {ENV_SWITCH}=0"
   _load()

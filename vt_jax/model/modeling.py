@@ -119,8 +119,10 @@ class Qwen25VL(nnx.Module):
     """The weights a loop of decode steps reads, laid out for the backend. On CPU: the output table and the
     decoder layers' projections packed for the packed-dot kernel (`kernels.cpu`; where it cannot run, a
     `[D, V]` copy of a tied fp32 table) and the layers' params one state per layer (for a per-layer cache,
-    `KVCache.per_layer`); elsewhere nothing (the model's own). Call it eagerly, outside jit, once per generation: traced, the copies fold
-    back into the loop (and the kernel, which needs a concrete single-device table, is not used)."""
+    `KVCache.per_layer`); elsewhere nothing (the model's own). Call it eagerly, outside jit, once per
+    generation: traced, the copies fold back into the loop (and the kernel, which needs a concrete
+    single-device table, is not used). (One jitted program of the same copies took longer: 109 vs 76 ms
+    for the small preset in bf16.)"""
     if current_platform() != "cpu":
       return DecodeWeights()
     head = packed = None
