@@ -184,3 +184,19 @@ def test_export_a_checkpoint_to_hf_and_start_from_it(tmp_path, mesh, reference):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
   with pytest.raises(ckpt_lib.CheckpointError, match="not a training workdir"):
     export.export_checkpoint(str(tmp_path), out)
+
+
+def test_relative_directory(tmp_path, monkeypatch):
+  """A relative checkpoint directory (a `--workdir=runs/demo`) saves and restores; orbax alone refuses it."""
+  monkeypatch.chdir(tmp_path)
+  it = F.ArrayBatches([{"x": np.zeros((2, 1))}])
+  ckpt = ckpt_lib.Checkpointer(os.path.join("runs", "demo", "checkpoints"), every_steps=1)
+  next(it)
+  assert ckpt.save(1, {"w": jax.numpy.arange(3.0)}, it)
+  ckpt.wait()
+  assert ckpt.directory.is_absolute() and (tmp_path / "runs" / "demo" / "checkpoints" / "1").is_dir()
+  abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  np.testing.assert_array_equal(ckpt.restore(1, abstract, F.ArrayBatches([{"x": np.zeros((2, 1))}])).state["w"], [0, 1, 2])
+  ckpt.close()
+  with pytest.raises(ckpt_lib.CheckpointError, match="no param"):  # read through a relative path too
+    ckpt_lib.restore_params(os.path.join("runs", "demo"), {"missing": abstract["w"]})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -108,7 +109,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | epath.Path, *, every_steps: int, keep_latest: int = 3,
                keep_every: int = 0, async_save: bool = True, read_only: bool = False):
-    self.directory = epath.Path(directory)
+    self.directory = _absolute(directory)
     self.every_steps = int(every_steps)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_latest if keep_latest and keep_latest > 0 else None,
@@ -203,9 +204,15 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _absolute(path: str | epath.Path) -> epath.Path:
+  """A local path made absolute (URLs such as gs:// as given): orbax refuses to write to a relative path
+  and reads nothing from one (`--workdir=runs/demo` is one)."""
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 def _step_dir(path: str | epath.Path) -> epath.Path:
   """A checkpoint step directory from a step dir, a checkpoints dir (its newest step) or a workdir."""
-  path = epath.Path(path)
+  path = _absolute(path)
   if (path / STATE).is_dir():
     return path
   if (path / "checkpoints").is_dir():
