@@ -21,11 +21,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlock = 32;        // vocabulary rows per packed block (two 16-lane vectors)
+constexpr int64_t kBlock = 32;        // output rows per packed block (two 16-lane vectors)
 constexpr int64_t kRowsPerPass = 8;   // rows of x accumulated at once: 16 accumulators
 constexpr int64_t kBlocksPerTask = 16;
 
-// Rows [m0, m0 + M) of out for vocabulary block b. w_block: the block's D/P x 32 x P elements.
+// Rows [m0, m0 + M) of out for output block b. w_block: the block's D/P x 32 x P elements.
 template <int M>
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void Bf16Block(
     const uint16_t* x, const uint16_t* w_block, float* out, int64_t d, int64_t vocab, int64_t m0, int64_t b) {
@@ -73,7 +73,6 @@ __attribute__((target("avx512f"))) void F32Block(const float* x, const float* w_
     _mm512_mask_storeu_ps(out + (m0 + m) * vocab + v0 + 16, k1, acc[m][1]);
   }
 }
-
 
 #define VT_BLOCK_FN(NAME, T)                                                                        \
   using NAME##Fn = void (*)(const T*, const T*, float*, int64_t, int64_t, int64_t, int64_t);         \
