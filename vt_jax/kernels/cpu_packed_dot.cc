@@ -25,6 +25,19 @@ constexpr int64_t kBlock = 32;        // output rows per packed block (two 16-la
 constexpr int64_t kRowsPerPass = 8;   // rows of x accumulated at once: 16 accumulators
 constexpr int64_t kBlocksPerTask = 16;
 
+// Stores rows [m0, m0 + M) of output block b (32 columns; those past `vocab` masked off).
+template <int M>
+__attribute__((target("avx512f"), always_inline)) inline void StoreBlock(const __m512 (&acc)[M][2], float* out,
+                                                                          int64_t vocab, int64_t m0, int64_t b) {
+  const int64_t v0 = b * kBlock, left = std::min<int64_t>(kBlock, vocab - v0);
+  const __mmask16 k0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+  const __mmask16 k1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+  for (int m = 0; m < M; ++m) {
+    _mm512_mask_storeu_ps(out + (m0 + m) * vocab + v0, k0, acc[m][0]);
+    _mm512_mask_storeu_ps(out + (m0 + m) * vocab + v0 + 16, k1, acc[m][1]);
+  }
+}
+
 // Rows [m0, m0 + M) of out for output block b. w_block: the block's D/P x 32 x P elements.
 template <int M>
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void Bf16Block(
@@ -42,13 +55,7 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void Bf16Block(
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xm);
     }
   }
-  const int64_t v0 = b * kBlock, left = std::min<int64_t>(kBlock, vocab - v0);
-  const __mmask16 k0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-  const __mmask16 k1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
-  for (int m = 0; m < M; ++m) {
-    _mm512_mask_storeu_ps(out + (m0 + m) * vocab + v0, k0, acc[m][0]);
-    _mm512_mask_storeu_ps(out + (m0 + m) * vocab + v0 + 16, k1, acc[m][1]);
-  }
+  StoreBlock<M>(acc, out, vocab, m0, b);
 }
 
 template <int M>
@@ -65,13 +72,7 @@ __attribute__((target("avx512f"))) void F32Block(const float* x, const float* w_
       acc[m][1] = _mm512_fmadd_ps(w1, xm, acc[m][1]);
     }
   }
-  const int64_t v0 = b * kBlock, left = std::min<int64_t>(kBlock, vocab - v0);
-  const __mmask16 k0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-  const __mmask16 k1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
-  for (int m = 0; m < M; ++m) {
-    _mm512_mask_storeu_ps(out + (m0 + m) * vocab + v0, k0, acc[m][0]);
-    _mm512_mask_storeu_ps(out + (m0 + m) * vocab + v0 + 16, k1, acc[m][1]);
-  }
+  StoreBlock<M>(acc, out, vocab, m0, b);
 }
 
 #define VT_BLOCK_FN(NAME, T)                                                                        \
