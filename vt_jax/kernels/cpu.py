@@ -31,7 +31,7 @@ import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_packed_dot.cc")
 TARGET = "vt_cpu_packed_dot"
-BLOCK = 32  # vocabulary rows per packed block (kBlock in the source)
+BLOCK = 32  # output rows per packed block (kBlock in the source)
 ENV_SWITCH = "VT_JAX_CPU_KERNELS"
 
 _lock = threading.Lock()
@@ -133,5 +133,3 @@ def packed_dot(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     raise ValueError(f"packed_dot: x {x.shape} and n={n} do not match a packed table {packed.shape}")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
   return call(x.astype(packed.dtype), packed, vocab=np.int64(n))
-
-

@@ -126,16 +126,18 @@ class Qwen25VL(nnx.Module):
     if current_platform() != "cpu":
       return DecodeWeights()
     head = packed = None
-    table, vocab_major = self.lm_head_weight()
-    if cpu_kernels.packable(table, self.config.text.hidden_size):
+    # Decided on the stored table: `lm_head_weight()` casts it, a copy the XLA path in bf16 does not need.
+    stored = self.text.embed_tokens[...] if self.lm_head is None else self.lm_head.kernel[...]
+    if cpu_kernels.packable(stored, self.config.text.hidden_size, self.dtype):
       # The hand-written kernel reads the packed table once per step (XLA's GEMM library repacks it every
       # call): bf16 3.1 vs 6.8 ms, fp32 6.7 vs 12.9 ms per step on the small preset's table, 8 rows.
+      table, vocab_major = self.lm_head_weight()
       packed = cpu_kernels.pack_table(table if vocab_major else table.T)
     elif self.lm_head is None and self.dtype == jnp.float32:
       # Else XLA:CPU contracts 8 rows against the stored `[V, D]` table at 25 GB/s and against a `[D, V]`
       # array at 39 GB/s (12.7 vs 8.1 ms per step on the small preset's 151,936 x 512 table); in bf16 the
       # stored layout is the faster one.
-      head = jnp.transpose(table)
+      head = jnp.transpose(self.lm_head_weight()[0])
     layers = packed_layers = None
     layer_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(self.text.layers)))
     if layer_bytes <= DECODE_LAYER_COPY_LIMIT:
