@@ -8,8 +8,8 @@ layers, vocab 151,936 tied) with 8 rows, a `lax.fori_loop` of `model.decode_step
 loop: with the weights from `decode_weights()` and a per-layer cache, as the sampler passes them -- on this
 CPU the projections and logits through the packed-dot kernel, `vt_jax.kernels.cpu`), its decoder layers
 alone and its logits alone, at two cache lengths, in fp32 and bf16; and the machine's read bandwidth (an
-XLA sum over 1 GiB). The floor of a step is the bytes it must read (decoder-layer weights + output embedding + the
-cache's k/v) over that bandwidth.
+XLA sum over 1 GiB). The floor of a step is the bytes it must read (decoder-layer weights + output
+embedding + the cache's k/v) over that bandwidth.
 Writes benchmarks/results/bench_decode.{json,md}.
 """
 

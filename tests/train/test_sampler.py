@@ -380,6 +380,20 @@ def test_vision_rows_encoded_one_by_one_equal_the_batch(model):
   rows, batched = encode(model, args, True), encode(model, args, False)
   np.testing.assert_allclose(np.asarray(rows), np.asarray(batched), rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(batched)).max() > 0.1
+  loops = lambda flag: str(jax.make_jaxpr(lambda a: model.encode_vision(*a, row_by_row=flag))(args)).count("scan[")
+  assert loops(True) > loops(False)  # the rows really go through a map
   assert vision_row_by_row()
   with jax.set_mesh(S.make_mesh(data=8)):
     assert not vision_row_by_row()
+
+
+def test_sampler_encodes_vision_row_by_row_on_one_cpu_device(model, monkeypatch):
+  from vt_jax.model import modeling  # pylint: disable=import-outside-toplevel
+  seen = []
+  real = modeling.Qwen25VL.encode_vision
+  monkeypatch.setattr(modeling.Qwen25VL, "encode_vision",
+                      lambda self, *a, **kw: (seen.append(kw.get("row_by_row")), real(self, *a, **kw))[1])
+  config = SM.SamplingConfig(temperature=1.0, max_new_tokens=2, eos_ids=(999,), pad_id=990)
+  SM._sample_jit.clear_cache()  # pylint: disable=protected-access  (traced afresh: the call is seen)
+  SM.sample(model, make_prompts(8), key=jax.random.key(0), config=config)
+  assert seen == [True]

@@ -57,7 +57,10 @@ class Linear(nnx.Module):
     n_in = len(self.in_shape)
     kernel = self.kernel[...].astype(self.dtype)
     matmul = _matmul_cpu if current_platform() == "cpu" else _matmul
-    y = matmul(x.astype(self.dtype), kernel, n_in)
+    return self._add_bias(matmul(x.astype(self.dtype), kernel, n_in))
+
+  def _add_bias(self, y: jax.Array) -> jax.Array:
+    """fp32 product -> + bias (fp32) -> the compute dtype."""
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
@@ -77,9 +80,7 @@ class Linear(nnx.Module):
     if packed is None:
       return self(x)
     y = cpu_kernels.packed_dot(x.reshape(-1, self.in_shape[0]).astype(self.dtype), packed, self.out_shape[0])
-    if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype).reshape(*x.shape[:-1], self.out_shape[0])
+    return self._add_bias(y).reshape(*x.shape[:-1], self.out_shape[0])
 
 
 def _matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
