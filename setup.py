@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["vt_jax", "vt_jax.*"]) + ["vt_jax.configs"],
     package_dir={"vt_jax.configs": "configs"},
-    package_data={"vt_jax.kernels": ["*.cc"]},  # built on first use (vt_jax/kernels/cpu.py)
+    package_data={"vt_jax.kernels": ["*.cc", "*.h"]},  # built on first use (vt_jax/kernels/cpu.py)
     install_requires=_reqs("requirements.txt"),
     extras_require={
         "test": _reqs("requirements-test.txt"),

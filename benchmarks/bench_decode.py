@@ -6,8 +6,9 @@ A decode step reads every weight once (and the KV cache up to its length) for 8 
 on a CPU it is bound by memory bandwidth, not FLOPs. This times, on the "small" preset (text 512 x 8
 layers, vocab 151,936 tied) with 8 rows, a `lax.fori_loop` of `model.decode_step` (the sampler's inner
 loop: with the weights from `decode_weights()` and a per-layer cache, as the sampler passes them -- on this
-CPU the projections and logits through the packed-dot kernel, `vt_jax.kernels.cpu`), its decoder layers
-alone and its logits alone, at two cache lengths, in fp32 and bf16; and the machine's read bandwidth (an
+CPU the projections and logits through the packed-dot kernel and attention through the decode-attention
+kernel, `vt_jax.kernels.cpu`), its decoder layers alone and its logits alone, at two cache lengths (a cache
+holding length - 32 tokens, the 32 steps filling the rest), in fp32 and bf16; and the machine's read bandwidth (an
 XLA sum over 1 GiB). The floor of a step is the bytes it must read (decoder-layer weights + output
 embedding + the cache's k/v) over that bandwidth.
 Writes benchmarks/results/bench_decode.{json,md}.
@@ -60,7 +61,11 @@ def step_programs(model, length: int):
   weights = model.decode_weights()  # as the sampler: once per generation, eagerly
 
   def new_cache(m, weights):
+    # Holding length - STEPS prompt tokens: the steps fill the last slots (the CPU attention kernel reads the
+    # filled slots only; XLA's attention reads all of them either way).
     cache = m.init_cache(ROWS, length)
+    cache = cache.replace(index=jnp.int32(length - STEPS),
+                          valid=jnp.broadcast_to(jnp.arange(length) < length - STEPS, (ROWS, length)))
     return cache.per_layer() if weights.layers is not None else cache
 
   def full(state, tokens, weights):
@@ -80,7 +85,8 @@ def step_programs(model, length: int):
     def body(_, cache):
       pos = jnp.broadcast_to(cache.next_position[None, :, None], (3, ROWS, 1))
       h, cache = m.text.extend(m.text.embed(tokens[:, None]), pos, jnp.ones((ROWS, 1), bool), cache,
-                               layer_params=weights.layers, packed_layers=weights.packed_layers)
+                               layer_params=weights.layers, packed_layers=weights.packed_layers,
+                               attention_kernel=weights.attention_kernel)
       return cache.replace(next_position=cache.next_position + 1 + (h[:, 0, 0] > 1e30).astype(jnp.int32))
     cache = jax.lax.fori_loop(0, STEPS, body, new_cache(m, weights))
     return sum(k[:, :, :STEPS].sum() for k in cache.k) + cache.next_position.sum()

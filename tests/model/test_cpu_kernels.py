@@ -1,6 +1,9 @@
-"""The CPU packed-dot kernel (`vt_jax.kernels.cpu`): equals XLA's dot on every row count, dtype and table
-tail, is what the decode loop uses for its logits and projections on one CPU device (not on a sharded
-table, not when switched off), and sampling through it equals sampling through XLA."""
+"""The CPU kernels (`vt_jax.kernels.cpu`): the packed dot equals XLA's dot on every row count, dtype and
+table tail; decode attention equals `cache_attention` on every group size, dtype and mask, reading only the
+slots up to the write index; the decode loop uses both on one CPU device (not on a sharded table, not when
+switched off), and sampling through them equals sampling through XLA."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 from flax import nnx
 
 from vt_jax.kernels import cpu as K
+from vt_jax.model.attention import cache_attention
 from vt_jax.model.config import PRESETS
 from vt_jax.model.modeling import Qwen25VL
 from vt_jax.model.text import DecoderLayer
@@ -45,11 +49,57 @@ def test_pack_table_layout():
   assert not packed[1, :, 8:].any()  # rows past V are zero
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_decode_loop_uses_kernel_and_samples_the_same(dtype, monkeypatch):
-  """On one CPU device the decode weights carry the packed table and projections; sampling through the
-  kernel gives XLA's tokens and log-probs (switched off by VT_JAX_CPU_KERNELS=0)."""
-  model = Qwen25VL(PRESETS["tiny"], rngs=nnx.Rngs(5), dtype=dtype, param_dtype=dtype)
+@pytest.mark.parametrize("rows,heads,kv_heads,slots,head_dim,index", [
+    (8, 8, 2, 300, 64, 250), (3, 7, 1, 64, 128, 63), (3, 16, 2, 77, 32, 0), (4, 2, 2, 40, 64, 17),
+    (2, 28, 4, 33, 128, 20)])
+def test_decode_attention_equals_xla(dtype, rows, heads, kv_heads, slots, head_dim, index):
+  """Group sizes 1 / 4 / 7 / 8, the first and the last slot as the query's position, a row with no valid
+  slot (the XLA path's uniform softmax over all slots), a filler row (segment 0), padding inside the prompt.
+  Slots after the index hold NaN: the kernel never reads them."""
+  rng = np.random.default_rng(rows * slots + index)
+  q = jnp.asarray(rng.normal(size=(rows, 1, heads, head_dim)), dtype)
+  k, v = (rng.normal(size=(rows, kv_heads, slots, head_dim)) * 2 for _ in range(2))
+  valid = (rng.random((rows, slots)) < 0.8).astype(np.int32)
+  valid[0], valid[1:, 0] = 0, 1
+  q_seg = np.ones((rows, 1), np.int32)
+  q_seg[-1] = 0  # attends the slots whose segment is 0
+  want = cache_attention(q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(q_seg), jnp.asarray(valid),
+                         q_positions=jnp.full((rows, 1), index), kv_positions=jnp.broadcast_to(jnp.arange(slots), (rows, slots)))
+  uniform = cache_attention(q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(q_seg), jnp.asarray(valid),
+                            q_positions=jnp.full((rows, 1), -1), kv_positions=jnp.broadcast_to(jnp.arange(slots), (rows, slots)))
+  k[:, :, index + 1:], v[:, :, index + 1:] = np.nan, np.nan
+  got = jax.jit(K.decode_attention, static_argnames="scale")(
+      q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(q_seg), jnp.asarray(valid), jnp.int32(index),
+      scale=head_dim ** -0.5)
+  assert got.shape == q.shape and got.dtype == dtype
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  # Rows with no slot to attend (row 0; the filler row when no slot <= index has segment 0): uniform over all
+  # slots, NaNs included, as XLA's softmax of equal mask values.
+  dead = ~np.any(valid[:, :index + 1] == q_seg, axis=1)
+  assert dead[0] and not dead.all()
+  assert np.isnan(got[dead]).all() == (index + 1 < slots)
+  if index + 1 == slots:
+    np.testing.assert_allclose(got[dead], np.asarray(uniform, np.float32)[dead], rtol=1e-2, atol=1e-2)
+  got, want = got[~dead], want[~dead]
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  else:  # the probabilities round to bf16 after fp32 sums in another order: rare one-ulp flips
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+    assert np.mean(got != want) < 0.02
+
+
+@pytest.mark.parametrize("dtype,heads", [(jnp.bfloat16, 4), (jnp.float32, 4), (jnp.bfloat16, 2)])
+def test_decode_loop_uses_kernel_and_samples_the_same(dtype, heads, monkeypatch):
+  """On one CPU device the decode weights carry the packed table and projections, and decode attention runs
+  through its kernel where the head size allows (bf16: a multiple of 32); sampling through the kernels gives
+  XLA's tokens and log-probs (switched off by VT_JAX_CPU_KERNELS=0)."""
+  model_config = PRESETS["tiny"]
+  if heads != model_config.text.num_attention_heads:  # head_dim 32
+    model_config = dataclasses.replace(model_config, text=dataclasses.replace(model_config.text, num_attention_heads=heads,
+                                                                  num_key_value_heads=1, mrope_section=(4, 6, 6)))
+  model = Qwen25VL(model_config, rngs=nnx.Rngs(5), dtype=dtype, param_dtype=dtype)
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 900, size=(3, 7)).astype(np.int32)
   prompts = dict(input_ids=ids, positions=np.broadcast_to(np.arange(7), (3, 3, 7)).astype(np.int32),
@@ -57,14 +107,15 @@ def test_decode_loop_uses_kernel_and_samples_the_same(dtype, monkeypatch):
   config = SM.SamplingConfig(temperature=1.0, max_new_tokens=6, eos_ids=(999,), pad_id=990)
   monkeypatch.setenv(K.ENV_SWITCH, "0")
   off = model.decode_weights()
-  assert off.packed_head is None and off.packed_layers is None
+  assert off.packed_head is None and off.packed_layers is None and not off.attention_kernel
   xla = SM.sample(model, prompts, key=jax.random.key(1), config=config)
   monkeypatch.delenv(K.ENV_SWITCH)
   if K.unavailable() is not None:
     pytest.skip(f"CPU kernel unavailable: {K.unavailable()}")
   on = model.decode_weights()
   assert on.packed_head is not None and on.head is None
-  assert [set(p) for p in on.packed_layers] == [set(DecoderLayer.PROJECTIONS)] * PRESETS["tiny"].text.num_hidden_layers
+  assert [set(p) for p in on.packed_layers] == [set(DecoderLayer.PROJECTIONS)] * model_config.text.num_hidden_layers
+  assert on.attention_kernel == (dtype == jnp.float32 or model_config.text.head_dim % 32 == 0)
   kernel = SM.sample(model, prompts, key=jax.random.key(1), config=config)
   np.testing.assert_array_equal(np.asarray(kernel.tokens), np.asarray(xla.tokens))
   np.testing.assert_allclose(np.asarray(kernel.logprobs), np.asarray(xla.logprobs), atol=1e-4)

@@ -6,6 +6,9 @@
 8 rows: logits (151,936 x 512) bf16 3.1 vs 6.8 ms, fp32 6.7 vs 12.9 ms; the 8 decoder layers' 56
 projections 1.3 vs 2.9 ms (`benchmarks/bench_decode.py` times them in place).
 
+`decode_attention(q, k, v, q_segment_ids, kv_segment_ids, index, scale)`: one new token per row against a
+layer of the KV cache, reading only the slots up to `index` (`cpu_decode_attention.cc`).
+
 `unavailable()` is None where the kernel runs, else why not: not x86-64 Linux, no AVX-512F / AVX512-BF16,
 no C++17 compiler (`CXX`, else c++ / g++ / clang++), or `VT_JAX_CPU_KERNELS=0`. Callers then use XLA's dot.
 The library is cached under `VT_JAX_KERNEL_CACHE` (default ~/.cache/vt_jax/kernels), keyed by the source,
@@ -29,8 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_packed_dot.cc")
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / "cpu_packed_dot.cc", _HERE / "cpu_decode_attention.cc")
+HEADERS = (_HERE / "cpu_parallel.h",)
 TARGET = "vt_cpu_packed_dot"
+ATTENTION_TARGET = "vt_cpu_decode_attention"
 BLOCK = 32  # output rows per packed block (kBlock in the source)
 ENV_SWITCH = "VT_JAX_CPU_KERNELS"
 
@@ -57,15 +63,15 @@ def _compiler() -> str:
 def build() -> pathlib.Path:
   """The compiled library, built into the cache directory unless already there."""
   cxx = _compiler()
-  source = SOURCE.read_bytes()
+  source = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
   key = hashlib.sha256(source + jax.lib.__version__.encode() + cxx.encode()).hexdigest()[:16]
-  out = cache_dir() / f"cpu_packed_dot-{key}.so"
+  out = cache_dir() / f"cpu_kernels-{key}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-  cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o",
-         str(tmp)]
+  cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", *map(str, SOURCES),
+         "-o", str(tmp)]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
     tmp.unlink(missing_ok=True)
@@ -86,10 +92,11 @@ def _load() -> None:
       if not lib.vt_cpu_packed_dot_supported():
         raise KernelUnavailable("this CPU lacks AVX-512F or AVX512-BF16")
       jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VtCpuPackedDot), platform="cpu")
+      jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.VtCpuDecodeAttention), platform="cpu")
       _loaded["lib"] = lib
     except (KernelUnavailable, OSError) as e:
       _loaded["why"] = str(e)
-      log.warning("CPU packed-dot kernel unavailable, XLA's dots run instead: %s", e)
+      log.warning("CPU decode kernels unavailable, XLA runs instead: %s", e)
 
 
 def unavailable() -> str | None:
@@ -133,3 +140,31 @@ def packed_dot(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     raise ValueError(f"packed_dot: x {x.shape} and n={n} do not match a packed table {packed.shape}")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
   return call(x.astype(packed.dtype), packed, vocab=np.int64(n))
+
+
+def attention_supported(dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+  """Whether `decode_attention` takes these shapes here: bf16 (head_dim % 32 == 0) or fp32 (% 16), 1 to 8
+  query heads per kv head, and the kernels available."""
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.bfloat16, jnp.float32) or head_dim % (32 if dtype == jnp.bfloat16 else 16):
+    return False
+  if num_heads % num_kv_heads or not 1 <= num_heads // num_kv_heads <= 8:
+    return False
+  return unavailable() is None
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+                     index: jax.Array, scale: float) -> jax.Array:
+  """One query per row against a layer of the KV cache, as `attention.cache_attention` with T = 1.
+
+  q `[B, 1, H, D]`, k / v `[B, K, S, D]` in q's dtype, q_segment_ids `[B, 1]`, kv_segment_ids `[B, S]`,
+  index `[]` int32 (the query's position: slot s is earlier where s <= index). Slot s is attended where
+  s <= index and its segment id equals the query's. Returns `[B, 1, H, D]` in q's dtype.
+  """
+  b, t, h, d = q.shape
+  if t != 1 or k.shape != v.shape or k.ndim != 4 or k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"decode_attention: q {q.shape}, k {k.shape}, v {v.shape}")
+  call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, d), q.dtype))
+  out = call(q.reshape(b, h, d), k.astype(q.dtype), v.astype(q.dtype), q_segment_ids.reshape(b).astype(jnp.int32),
+             kv_segment_ids.astype(jnp.int32), jnp.asarray(index, jnp.int32), scale=np.float32(scale))
+  return out.reshape(b, 1, h, d)

@@ -11,10 +11,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -87,35 +86,11 @@ VT_BLOCK_FN(Bf16Block, uint16_t)
 VT_BLOCK_FN(F32Block, float)
 #undef VT_BLOCK_FN
 
-// Runs fn(b) for every block b in [0, blocks) on the caller and the intra-op pool. Tasks claim runs of
-// blocks from a shared counter, so the caller finishes alone when no pool thread is free; the state is
-// shared-owned because a late task may start after the caller has returned.
-template <typename Fn>
-void ParallelBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  const int64_t tasks = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
-  auto state = std::make_shared<State>();
-  auto work = [state, tasks, blocks, fn]() {
-    for (int64_t t; (t = state->next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t end = std::min(blocks, (t + 1) * kBlocksPerTask);
-      for (int64_t b = t * kBlocksPerTask; b < end; ++b) fn(b);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  while (state->done.load(std::memory_order_acquire) < tasks) _mm_pause();
-}
-
 template <typename T, typename BlockFn>
 void Run(ffi::ThreadPool& pool, const T* x, const T* w, float* out, int64_t rows, int64_t d, int64_t vocab,
          BlockFn (*block_for)(int64_t)) {
   const int64_t blocks = (vocab + kBlock - 1) / kBlock, block_elems = d * kBlock;
-  ParallelBlocks(pool, blocks, [=](int64_t b) {
+  vt_cpu::ParallelFor(pool, blocks, kBlocksPerTask, [=](int64_t b) {
     for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
       const int64_t n = std::min(kRowsPerPass, rows - m0);
       block_for(n)(x, w + b * block_elems, out, d, vocab, m0, b);

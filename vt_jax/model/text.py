@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vt_jax.kernels import cpu as cpu_kernels
 from vt_jax.model.attention import attention, cache_attention
 from vt_jax.model.config import TextConfig
 from vt_jax.model.platform import current_platform
@@ -161,7 +162,7 @@ class TextDecoder(nnx.Module):
                    next_position=jnp.zeros((batch,), jnp.int32))
 
   def extend(self, x, positions, new_valid, cache: KVCache, *, empty: bool = False, layer_params=None,
-             packed_layers=None):
+             packed_layers=None, attention_kernel: bool = False):
     """Appends T tokens per row at the shared write index and runs them against the cache.
 
     x `[B, T, D]`, positions `[3, B, T]`, new_valid `[B, T]` bool (False for prompt padding). empty: the
@@ -171,6 +172,8 @@ class TextDecoder(nnx.Module):
     layer_params: per-layer params (`unstacked_states`, made once per generation) for a per-layer cache;
     default: sliced from the stacked layers here.
     packed_layers: with a per-layer cache, each layer's `pack_projections()` (CPU kernel), or None.
+    attention_kernel: one token per row (T = 1) attends the cache through `kernels.cpu.decode_attention`
+    (the caller checked `attention_supported`); it reads only the slots up to the write index.
     Returns (final-normed hidden `[B, T, D]`, updated cache; next_position is left to the caller).
     """
     batch, t = new_valid.shape
@@ -188,6 +191,8 @@ class TextDecoder(nnx.Module):
       k_layer, v_layer, out_cache = update(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
       if empty:
         out = attention(q, k, v, q_seg, q_seg, causal=True, impl=layer.attention_impl)
+      elif attention_kernel and t == 1:
+        out = cpu_kernels.decode_attention(q, k_layer, v_layer, q_seg, kv_seg, index, layer.head_dim ** -0.5)
       else:
         out = cache_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), q_seg, kv_seg,
                               q_positions=q_pos, kv_positions=kv_pos, impl=layer.attention_impl)
