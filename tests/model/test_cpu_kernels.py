@@ -90,6 +90,44 @@ def test_decode_attention_equals_xla(dtype, rows, heads, kv_heads, slots, head_d
     assert np.mean(got != want) < 0.02
 
 
+@needs_kernel
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+@pytest.mark.parametrize("rows,vocab", [(8, 1000), (3, 130), (1, 17), (5, 4099)])
+def test_choose_tokens_kernel_equals_xla(temperature, rows, vocab):
+  """Greedy (ties to the lowest id) and untruncated sampling: the XLA path's token for the same uniforms,
+  its log-prob; -inf logits are never drawn; vocabularies ending mid-vector and mid-block."""
+  config = SM.SamplingConfig(temperature=temperature, max_new_tokens=4, eos_ids=(0,))
+  rng = np.random.default_rng(rows * vocab)
+  for trial in range(6):
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32) * (1 + 2 * trial)
+    logits[:, rng.integers(0, vocab, 3)] = -np.inf
+    logits[0, [vocab - 1, vocab // 2]] = logits[0].max() + 1  # a tie for the greedy choice
+    keys = SM.row_keys(jax.random.key(trial), rows)
+    want = jax.jit(lambda l, k: SM.choose_tokens(l, k, 5, config))(logits, keys)
+    got = jax.jit(lambda l, k: SM.choose_tokens(l, k, 5, config, kernel=True))(logits, keys)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(logits[np.arange(rows), np.asarray(got[0])]))
+    if temperature == 0:
+      assert int(got[0][0]) == vocab // 2
+
+
+@needs_kernel
+def test_choose_tokens_kernel_draws_the_distribution():
+  """Frequencies of 4,000 draws from a 5-token distribution inside a 300-token vocabulary (the rest -inf)."""
+  probs = np.array([0.5, 0.25, 0.15, 0.07, 0.03])
+  logits = np.full((4000, 300), -np.inf, np.float32)
+  logits[:, [3, 130, 131, 255, 299]] = np.log(probs)
+  config = SM.SamplingConfig(temperature=1.0, max_new_tokens=4, eos_ids=(0,))
+  tokens, logp = jax.jit(lambda l, k: SM.choose_tokens(l, k, 0, config, kernel=True))(
+      logits, SM.row_keys(jax.random.key(0), 4000))
+  counts = np.array([np.sum(np.asarray(tokens) == t) for t in (3, 130, 131, 255, 299)])
+  assert counts.sum() == 4000
+  assert np.all(np.abs(counts / 4000 - probs) <= 4 * np.sqrt(probs * (1 - probs) / 4000)), counts
+  np.testing.assert_allclose(np.asarray(logp), np.log(probs)[np.searchsorted([3, 130, 131, 255, 299], tokens)],
+                             atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype,heads", [(jnp.bfloat16, 4), (jnp.float32, 4), (jnp.bfloat16, 2)])
 def test_decode_loop_uses_kernel_and_samples_the_same(dtype, heads, monkeypatch):
   """On one CPU device the decode weights carry the packed table and projections, and decode attention runs

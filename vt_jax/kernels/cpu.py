@@ -33,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 _HERE = pathlib.Path(__file__).parent
-SOURCES = (_HERE / "cpu_packed_dot.cc", _HERE / "cpu_decode_attention.cc")
-HEADERS = (_HERE / "cpu_parallel.h",)
+SOURCES = (_HERE / "cpu_packed_dot.cc", _HERE / "cpu_decode_attention.cc", _HERE / "cpu_sample.cc")
+HEADERS = (_HERE / "cpu_common.h",)
 TARGET = "vt_cpu_packed_dot"
 ATTENTION_TARGET = "vt_cpu_decode_attention"
+SAMPLE_TARGET = "vt_cpu_sample"
 BLOCK = 32  # output rows per packed block (kBlock in the source)
 ENV_SWITCH = "VT_JAX_CPU_KERNELS"
 
@@ -93,6 +94,7 @@ def _load() -> None:
         raise KernelUnavailable("this CPU lacks AVX-512F or AVX512-BF16")
       jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VtCpuPackedDot), platform="cpu")
       jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.VtCpuDecodeAttention), platform="cpu")
+      jax.ffi.register_ffi_target(SAMPLE_TARGET, jax.ffi.pycapsule(lib.VtCpuSample), platform="cpu")
       _loaded["lib"] = lib
     except (KernelUnavailable, OSError) as e:
       _loaded["why"] = str(e)
@@ -105,6 +107,11 @@ def unavailable() -> str | None:
     return f"disabled by {ENV_SWITCH}=0"
   _load()
   return _loaded.get("why")
+
+
+def _require() -> None:
+  if (why := unavailable()) is not None:
+    raise KernelUnavailable(why)
 
 
 def packable(table, contracted: int, dtype=None) -> bool:
@@ -138,6 +145,7 @@ def packed_dot(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
   if x.ndim != 2 or packed.ndim != 4 or x.shape[1] != packed.shape[1] * packed.shape[3] or \
       packed.shape[0] != -(-n // BLOCK):
     raise ValueError(f"packed_dot: x {x.shape} and n={n} do not match a packed table {packed.shape}")
+  _require()
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
   return call(x.astype(packed.dtype), packed, vocab=np.int64(n))
 
@@ -164,7 +172,19 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
   b, t, h, d = q.shape
   if t != 1 or k.shape != v.shape or k.ndim != 4 or k.shape[0] != b or k.shape[3] != d:
     raise ValueError(f"decode_attention: q {q.shape}, k {k.shape}, v {v.shape}")
+  _require()
   call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, d), q.dtype))
   out = call(q.reshape(b, h, d), k.astype(q.dtype), v.astype(q.dtype), q_segment_ids.reshape(b).astype(jnp.int32),
              kv_segment_ids.astype(jnp.int32), jnp.asarray(index, jnp.int32), scale=np.float32(scale))
   return out.reshape(b, 1, h, d)
+
+
+def choose_tokens(logits: jax.Array, u: jax.Array, *, temperature: float, greedy: bool) -> tuple[jax.Array, jax.Array]:
+  """`sampler.choose_tokens` without top-k / top-p, from fp32 logits `[N, V]` and uniforms `u` `[N, 2]`:
+  (tokens `[N]` int32, log p(token) `[N]` fp32 under softmax(logits / temperature); plain softmax when
+  greedy)."""
+  _require()
+  n = logits.shape[0]
+  call = jax.ffi.ffi_call(SAMPLE_TARGET, (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.float32)))
+  return call(logits.astype(jnp.float32), u.astype(jnp.float32), temperature=np.float32(temperature),
+              greedy=bool(greedy))

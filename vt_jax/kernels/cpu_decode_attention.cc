@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_parallel.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -52,23 +52,6 @@ VT_TARGET Order Unshuffle() {
   Order order;
   for (int lane = 0; lane < 16; ++lane) order.idx[static_cast<int>(lanes[lane]) / 16] = lane;
   return order;
-}
-
-// exp(x) for x <= 0 in fp32 (Cephes' expf polynomial, ~1 ulp); x = -inf gives 0.
-VT_TARGET inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
 }
 
 // Element access for the two dtypes: fp32 values, 16 at a time.
@@ -177,7 +160,7 @@ VT_TARGET void Task(const typename E::T* q, const typename E::T* k, const typena
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top[g]));
     __m512 total = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      const __m512 e = _mm512_maskz_mov_ps(keep[c], Exp(_mm512_sub_ps(_mm512_loadu_ps(row + c * 16), mx)));
+      const __m512 e = _mm512_maskz_mov_ps(keep[c], vt_cpu::Exp(_mm512_sub_ps(_mm512_loadu_ps(row + c * 16), mx)));
       _mm512_storeu_ps(row + c * 16, e);
       total = _mm512_add_ps(total, e);
     }

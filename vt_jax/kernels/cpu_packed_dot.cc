@@ -13,7 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu_parallel.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

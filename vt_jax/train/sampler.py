@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vt_jax.kernels import cpu as cpu_kernels
 from vt_jax.model.modeling import vision_row_by_row
 from vt_jax.model.sharding import constrain
 from vt_jax.model.text import CACHE
@@ -218,16 +219,27 @@ def _top_p_choice(scaled: jax.Array, lse: jax.Array, u: jax.Array, top_p: float,
   return jax.lax.cond(jnp.all(covered), lambda t: t, rest, tokens)
 
 
-def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, config: SamplingConfig):
+def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, config: SamplingConfig, *, kernel: bool = False):
   """Next tokens for `[N, V]` logits with per-row keys `[N]` at decode step `step`.
 
   Greedy: the most likely token (lowest id on ties). Otherwise a draw from softmax(logits / temperature)
   restricted to the top_k most likely, then to the nucleus of top_p of the (top-k renormalised) mass.
   Row r's draw uses the uniforms of fold_in(row_keys[r], step).
+  kernel: greedy and untruncated choices run through `kernels.cpu.choose_tokens` (the caller checked that
+  the logits live on one CPU device with the kernels available): the same draw from the same uniforms, its
+  fp32 sums in another order (a uniform within rounding distance of a boundary may pick the neighbour).
+  At [8, 151,936] on 2 CPU cores: 0.18 vs 0.68 ms sampled, 0.17 vs 1.7 ms greedy.
 
   Returns (tokens `[N]` int32, log p(token) `[N]` fp32 under softmax(logits / temperature), untruncated).
   """
   logits = logits.astype(jnp.float32)
+  if kernel and (config.greedy or (not config.top_k and config.top_p >= 1.0)):
+    if config.greedy:
+      u = jnp.zeros((logits.shape[0], 2), jnp.float32)
+    else:
+      keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+      u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys)
+    return cpu_kernels.choose_tokens(logits, u, temperature=config.temperature or 1.0, greedy=config.greedy)
   if config.greedy:
     # top_k(., 1) is argmax with the same tie rule, and 6x faster than XLA:CPU's argmax at V = 151,936.
     best, tokens = jax.lax.top_k(logits, 1)
@@ -339,7 +351,7 @@ def _sample_jit(graphdef, state, arrays, key, weights, *, config: SamplingConfig
     return (s["step"] < t) & ~jnp.all(s["done"])
 
   def body(s):
-    token, logp = choose_tokens(s["logits"], keys, s["step"], config)
+    token, logp = choose_tokens(s["logits"], keys, s["step"], config, kernel=weights.packed_head is not None)
     live = ~s["done"]
     token = jnp.where(live, token, config.pad_id)
     hit_eos = live & jnp.any(token[:, None] == eos[None, :], axis=1)
@@ -488,7 +500,7 @@ def _prefill_jit(graphdef, state, arrays, *, config: SamplingConfig, per_layer: 
 def _step_jit(graphdef, state, logits, cache, keys, step, done, weights, *, config: SamplingConfig):
   TRACE_COUNTS["step"] += 1
   model = nnx.merge(graphdef, state)
-  token, _ = choose_tokens(logits, keys, step, config)
+  token, _ = choose_tokens(logits, keys, step, config, kernel=weights.packed_head is not None)
   token = jnp.where(done, config.pad_id, token)
   hit_eos = ~done & jnp.any(token[:, None] == jnp.asarray(config.eos_ids, jnp.int32)[None, :], axis=1)
   next_logits, cache = model.decode_step(cache, token, weights)

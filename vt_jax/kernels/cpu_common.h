@@ -1,6 +1,6 @@
-// Work splitting over XLA's intra-op thread pool for the CPU kernels.
-#ifndef VT_JAX_KERNELS_CPU_PARALLEL_H_
-#define VT_JAX_KERNELS_CPU_PARALLEL_H_
+// Shared by the CPU kernels: work splitting over XLA's intra-op thread pool, a vectorised exp.
+#ifndef VT_JAX_KERNELS_CPU_COMMON_H_
+#define VT_JAX_KERNELS_CPU_COMMON_H_
 
 #include <immintrin.h>
 
@@ -37,6 +37,23 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t per_task, Fn fn)
   while (state->done.load(std::memory_order_acquire) < tasks) _mm_pause();
 }
 
+// exp(x) for x <= 0 in fp32 (Cephes' expf polynomial, ~1 ulp); very negative x gives 0.
+__attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
 }  // namespace vt_cpu
 
-#endif  // VT_JAX_KERNELS_CPU_PARALLEL_H_
+#endif  // VT_JAX_KERNELS_CPU_COMMON_H_
