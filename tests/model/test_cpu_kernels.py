@@ -159,6 +159,23 @@ def test_decode_loop_uses_kernel_and_samples_the_same(dtype, heads, monkeypatch)
   np.testing.assert_allclose(np.asarray(kernel.logprobs), np.asarray(xla.logprobs), atol=1e-4)
 
 
+def test_decode_weights_kept_while_the_params_are_the_same(monkeypatch):
+  """Evaluation re-uses the packed weights batch after batch; a new value in any param (an optimiser step,
+  `nnx.update`) or switching the kernels off makes new ones."""
+  model = Qwen25VL(PRESETS["tiny"], rngs=nnx.Rngs(2), dtype=jnp.float32, param_dtype=jnp.float32)
+  first = model.decode_weights()
+  assert model.decode_weights() is first
+  nnx.update(model, jax.tree.map(lambda x: x * 2, nnx.state(model, nnx.Param)))
+  second = model.decode_weights()
+  assert second is not first
+  hidden = jax.random.normal(jax.random.key(0), (2, PRESETS["tiny"].text.hidden_size))
+  np.testing.assert_allclose(np.asarray(model.decode_logits(hidden, second)), np.asarray(model.logits(hidden)),
+                             rtol=1e-5, atol=1e-5)
+  monkeypatch.setenv(K.ENV_SWITCH, "0")
+  off = model.decode_weights()
+  assert off is not second and off.packed_head is None and not off.attention_kernel
+
+
 def test_sharded_or_traced_tables_stay_with_xla():
   assert len(jax.devices()) == 8
   table = jnp.ones((64, 32), jnp.float32)
