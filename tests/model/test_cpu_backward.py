@@ -58,7 +58,20 @@ def test_swiglu_cpu_backward_equals_autodiff(dtype):
   for x, y in zip(ours, ref):
     assert x.dtype == y.dtype
     np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol)
-  np.testing.assert_array_equal(np.asarray(layers.gated("silu", a, b)), np.asarray(jax.nn.silu(a) * b))
+  # The forward: SiLU in fp32, one rounding, then the product in the input dtype.
+  np.testing.assert_array_equal(np.asarray(layers.gated("silu", a, b)),
+                                np.asarray(jax.nn.silu(a.astype(jnp.float32)).astype(dtype) * b))
+
+
+def test_gated_silu_rounds_as_torch_in_bf16():
+  """torch's bf16 `silu(a) * b` (SiLU computed in fp32, rounded once) to the bit."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(2)
+  a = jnp.asarray(rng.standard_normal((64, 96)) * 4, jnp.bfloat16)
+  b = jnp.asarray(rng.standard_normal((64, 96)), jnp.bfloat16)
+  to_torch = lambda x: torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16)
+  want = (torch.nn.functional.silu(to_torch(a)) * to_torch(b)).float().numpy()
+  np.testing.assert_array_equal(np.asarray(layers.gated("silu", a, b), np.float32), want)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
