@@ -28,8 +28,8 @@ from vt_jax.model.vision import VisionTower
 # would not fit twice in a host's memory; above it the loop slices the stacked params, `scan_layers`).
 DECODE_LAYER_COPY_LIMIT = 2 << 30
 
-# model -> (weak references to its params, whether the CPU kernels were on, its DecodeWeights): evaluation
-# samples batch after batch from the same params and should not re-pack them for every batch.
+# model -> (weak references to its params, (CPU kernels on, DECODE_LAYER_COPY_LIMIT), its DecodeWeights):
+# evaluation samples batch after batch from the same params and should not re-pack them for every batch.
 _DECODE_WEIGHTS = weakref.WeakKeyDictionary()
 
 
@@ -141,13 +141,13 @@ class Qwen25VL(nnx.Module):
     params = jax.tree.leaves(nnx.state(self, nnx.Param))
     if any(isinstance(x, jax.core.Tracer) for x in params):
       return self._decode_weights_cpu()
-    kernels = cpu_kernels.unavailable() is None
+    choices = (cpu_kernels.unavailable() is None, DECODE_LAYER_COPY_LIMIT)
     cached = _DECODE_WEIGHTS.get(self)
-    if (cached is not None and cached[1] == kernels and len(cached[0]) == len(params) and
+    if (cached is not None and cached[1] == choices and len(cached[0]) == len(params) and
         all(ref() is x for ref, x in zip(cached[0], params))):
       return cached[2]
     weights = self._decode_weights_cpu()
-    _DECODE_WEIGHTS[self] = ([weakref.ref(x) for x in params], kernels, weights)
+    _DECODE_WEIGHTS[self] = ([weakref.ref(x) for x in params], choices, weights)
     return weights
 
   def _decode_weights_cpu(self) -> DecodeWeights:
