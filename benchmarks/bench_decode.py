@@ -4,13 +4,15 @@
 
 A decode step reads every weight once (and the KV cache up to its length) for 8 rows of one token each, so
 on a CPU it is bound by memory bandwidth, not FLOPs. This times, on the "small" preset (text 512 x 8
-layers, vocab 151,936 tied) with 8 rows, a `lax.fori_loop` of `model.decode_step` (the sampler's inner
-loop: with the weights from `decode_weights()` and a per-layer cache, as the sampler passes them -- on this
-CPU the projections and logits through the packed-dot kernel and attention through the decode-attention
-kernel, `vt_jax.kernels.cpu`), its decoder layers alone and its logits alone, at two cache lengths (a cache
-holding length - 32 tokens, the 32 steps filling the rest), in fp32 and bf16; and the machine's read bandwidth (an
-XLA sum over 1 GiB). The floor of a step is the bytes it must read (decoder-layer weights + output
-embedding + the cache's k/v) over that bandwidth.
+layers, vocab 151,936 tied) with 8 rows, a `lax.fori_loop` of `model.decode_step` and the greedy token
+choice (the sampler's inner loop, with the weights from `decode_weights()` and a per-layer cache as the
+sampler passes them: on this CPU the projections and logits through the packed-dot kernel, attention and
+the token choice through their kernels, `vt_jax.kernels.cpu`), its decoder layers alone and its logits
+alone, at two cache lengths (a cache holding length - 32 tokens, the 32 steps filling the rest), in fp32
+and bf16; and the machine's read bandwidth (an XLA sum over 1 GiB). The floor of a step is the bytes it
+must read (decoder-layer weights + output embedding + the cache's k/v) over that bandwidth. Each call of
+the step program also converts the bf16 embedding table once for its gathers (~50 ms, ~1.6 ms a step
+over 32 steps; a rollout pays it once for 256).
 Writes benchmarks/results/bench_decode.{json,md}.
 """
 
@@ -58,7 +60,10 @@ def step_programs(model, length: int):
   graphdef, _ = nnx.split(model)
   hidden = model.config.text.hidden_size
 
+  from vt_jax.train import sampler
   weights = model.decode_weights()  # as the sampler: once per generation, eagerly
+  greedy = sampler.SamplingConfig(temperature=0.0)
+  keys = sampler.row_keys(jax.random.key(0), ROWS)
 
   def new_cache(m, weights):
     # Holding length - STEPS prompt tokens: the steps fill the last slots (the CPU attention kernel reads the
@@ -71,12 +76,12 @@ def step_programs(model, length: int):
   def full(state, tokens, weights):
     m = nnx.merge(graphdef, state)
 
-    def body(_, carry):
+    def body(step, carry):
       cache, t = carry
       logits, cache = m.decode_step(cache, t, weights)
-      # The next step depends on this one's logits. top_k(., 1) as the sampler's greedy choice: XLA:CPU's
-      # argmax over 151,936 columns is several times slower.
-      return cache, jax.lax.top_k(logits, 1)[1][:, 0].astype(jnp.int32)
+      # The next step depends on this one's logits: the sampler's greedy choice (on this CPU its kernel).
+      t, _ = sampler.choose_tokens(logits, keys, step, greedy, kernel=weights.packed_head is not None)
+      return cache, t
     return jax.lax.fori_loop(0, STEPS, body, (new_cache(m, weights), tokens))[1]
 
   def layers(state, tokens, weights):
