@@ -11,7 +11,7 @@ the token choice through their kernels, `vt_jax.kernels.cpu`), its decoder layer
 alone, at two cache lengths (a cache holding length - 32 tokens, the 32 steps filling the rest), in fp32
 and bf16; and the machine's read bandwidth (an XLA sum over 1 GiB). The floor of a step is the bytes it
 must read (decoder-layer weights + output embedding + the cache's k/v) over that bandwidth. Each call of
-the step program also converts the bf16 embedding table once for its gathers (~50 ms, ~1.6 ms a step
+the step program also converts the bf16 embedding table once for its gathers (~40 ms: ~1.3 ms a step
 over 32 steps; a rollout pays it once for 256).
 Writes benchmarks/results/bench_decode.{json,md}.
 """
