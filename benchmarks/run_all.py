@@ -14,6 +14,7 @@ cores; each also runs alone):
   4. mfu       (from 1)               train-step MFU vs the matmul peak of the same run target >= 35%
   5. scaling   bench_scaling.py       step time vs frames / sequence length; vision tower blockwise vs dense
      decode    bench_decode.py        a decode step's parts vs the memory-bandwidth floor (where rollout time goes)
+     kernels   bench_kernels.py       the CPU decode kernels vs the XLA ops they replace, one op at a time
      attention bench_attention.py     causal self-attention fwd + bwd vs torch sdpa (where long-row step time goes)
   6. dry_run   `python -m vt_jax.train --config={sft,grpo} --dry_run --topology={v5p-64,v5e-256}` (7B,
                splash attention, batch overrides that split over the chips; scans costed unrolled for
@@ -44,10 +45,12 @@ PARTS = {
     "input": "bench_input.py",
     "scaling": "bench_scaling.py",
     "decode": "bench_decode.py",
+    "kernels": "bench_kernels.py",
     "attention": "bench_attention.py",
 }
 RESULT_NAMES = {"sft": "bench_sft_vs_torch", "rollout": "bench_rollout", "input": "bench_input",
-                "scaling": "bench_scaling", "decode": "bench_decode", "attention": "bench_attention"}
+                "scaling": "bench_scaling", "decode": "bench_decode", "kernels": "bench_kernels",
+                "attention": "bench_attention"}
 # (config, topology, overrides): the batch must split over the chips (every chip an equal share of every
 # microbatch), so each slice gets the row counts the README's dry-run section uses.
 DRY_RUNS = [
@@ -253,7 +256,7 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="reduced inputs and repeats in every part")
   p.add_argument("--threads", type=int, default=0, help="cores for torch and XLA alike (default: all)")
-  p.add_argument("--only", default="sft,rollout,input,scaling,decode,attention,dry_run")
+  p.add_argument("--only", default="sft,rollout,input,scaling,decode,kernels,attention,dry_run")
   p.add_argument("--out", default=RESULTS)
   p.add_argument("--part_timeout", type=int, default=4 * 3600)
   p.add_argument("--dry_run_timeout", type=int, default=3600)
