@@ -422,15 +422,9 @@ class GRPOTask(trainer.Task):
 
   def make_prompt_loader(self, shard, prompts_per_process: int):
     """The prompt-batch iterator (`loader.LoaderIterator` in "prompt" mode)."""
-    from vt_jax.data import loader, prompts, sequences, video  # pylint: disable=g-import-not-at-top
+    from vt_jax.data import loader  # pylint: disable=g-import-not-at-top
     d, mc = self.config.data, self._model_cfg
-    renderer = sequences.ChatRenderer(
-        self.tokenizer(), prompts.get_prompt(d.prompt), spatial_merge_size=mc.vision.spatial_merge_size,
-        tokens_per_second=mc.vision.tokens_per_second)
-    sampling = video.VideoSampling(nframes=int(d.nframes), min_pixels=int(d.min_pixels),
-                                   max_pixels=int(d.max_pixels), temporal_patch_size=mc.vision.temporal_patch_size,
-                                   patch_size=mc.vision.patch_size, merge_size=mc.vision.spatial_merge_size,
-                                   decode=d.get("video_decode", "auto"))
+    renderer, sampling = sft.chat_renderer_and_sampling(d, mc, self.tokenizer())
     buckets = tuple(int(b) for b in (d.get("prompt_buckets") or (d.seq_len,)))
     lcfg = loader.LoaderConfig(
         batch_size=prompts_per_process, seq_len=max(buckets), vision_capacity=int(d.vision_capacity),

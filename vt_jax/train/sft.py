@@ -163,6 +163,20 @@ def create_model(cfg, mesh, model_cfg=None) -> nnx.Module:
     return sharding.create_model(model_cfg, mesh, model_rules(cfg), seed=int(cfg.seed), **_model_kwargs(cfg))
 
 
+def chat_renderer_and_sampling(d, mc, tokenizer):
+  """(the chat renderer, the video sampling) of a task's data config `d` for a model config `mc` (SFT and
+  GRPO build their loaders from the same two)."""
+  from vt_jax.data import prompts, sequences, video  # pylint: disable=g-import-not-at-top
+  renderer = sequences.ChatRenderer(
+      tokenizer, prompts.get_prompt(d.prompt), spatial_merge_size=mc.vision.spatial_merge_size,
+      tokens_per_second=mc.vision.tokens_per_second)
+  sampling = video.VideoSampling(nframes=int(d.nframes), min_pixels=int(d.min_pixels),
+                                 max_pixels=int(d.max_pixels), temporal_patch_size=mc.vision.temporal_patch_size,
+                                 patch_size=mc.vision.patch_size, merge_size=mc.vision.spatial_merge_size,
+                                 decode=d.get("video_decode", "auto"))
+  return renderer, sampling
+
+
 class SFTTask(trainer.Task):
   """SFT on packed (prompt, trace) rows from the grain loader."""
 
@@ -219,15 +233,9 @@ class SFTTask(trainer.Task):
     return max(1, math.ceil(len(self.records()) * epochs / global_batch))
 
   def make_data(self, shard):
-    from vt_jax.data import loader, prompts, sequences, video  # pylint: disable=g-import-not-at-top
+    from vt_jax.data import loader  # pylint: disable=g-import-not-at-top
     d, mc = self.config.data, self._model_cfg
-    renderer = sequences.ChatRenderer(
-        self.tokenizer(), prompts.get_prompt(d.prompt), spatial_merge_size=mc.vision.spatial_merge_size,
-        tokens_per_second=mc.vision.tokens_per_second)
-    sampling = video.VideoSampling(nframes=int(d.nframes), min_pixels=int(d.min_pixels),
-                                   max_pixels=int(d.max_pixels), temporal_patch_size=mc.vision.temporal_patch_size,
-                                   patch_size=mc.vision.patch_size, merge_size=mc.vision.spatial_merge_size,
-                                   decode=d.get("video_decode", "auto"))
+    renderer, sampling = chat_renderer_and_sampling(d, mc, self.tokenizer())
     epochs = self.config.train.get("num_epochs")
     lcfg = loader.LoaderConfig(
         batch_size=shard.rows, seq_len=int(d.seq_len), vision_capacity=int(d.vision_capacity),
