@@ -219,6 +219,11 @@ def _top_p_choice(scaled: jax.Array, lse: jax.Array, u: jax.Array, top_p: float,
   return jax.lax.cond(jnp.all(covered), lambda t: t, rest, tokens)
 
 
+def _uniforms(row_keys: jax.Array, step) -> jax.Array:
+  """`[N, 2]` uniforms in [0, 1) of row r at decode step `step`: those of fold_in(row_keys[r], step)."""
+  return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (2,)))(row_keys)
+
+
 def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, config: SamplingConfig, *, kernel: bool = False):
   """Next tokens for `[N, V]` logits with per-row keys `[N]` at decode step `step`.
 
@@ -234,11 +239,7 @@ def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, config: Sampling
   """
   logits = logits.astype(jnp.float32)
   if kernel and (config.greedy or (not config.top_k and config.top_p >= 1.0)):
-    if config.greedy:
-      u = jnp.zeros((logits.shape[0], 2), jnp.float32)
-    else:
-      keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-      u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys)
+    u = jnp.zeros((logits.shape[0], 2), jnp.float32) if config.greedy else _uniforms(row_keys, step)
     return cpu_kernels.choose_tokens(logits, u, temperature=config.temperature or 1.0, greedy=config.greedy)
   if config.greedy:
     # top_k(., 1) is argmax with the same tie rule, and 6x faster than XLA:CPU's argmax at V = 151,936.
@@ -246,8 +247,7 @@ def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, config: Sampling
     return tokens[:, 0], best[:, 0] - jax.nn.logsumexp(logits, axis=-1)
   scaled = logits / config.temperature
   lse = jax.nn.logsumexp(scaled, axis=-1)
-  keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-  u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys)
+  u = _uniforms(row_keys, step)
   vocab = scaled.shape[-1]
   if config.top_k:
     cand, ids = jax.lax.top_k(scaled, min(config.top_k, vocab))
