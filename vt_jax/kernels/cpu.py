@@ -9,10 +9,15 @@ projections 1.3 vs 2.9 ms (`benchmarks/bench_decode.py` times them in place).
 `decode_attention(q, k, v, q_segment_ids, kv_segment_ids, index, scale)`: one new token per row against a
 layer of the KV cache, reading only the slots up to `index` (`cpu_decode_attention.cc`).
 
-`unavailable()` is None where the kernel runs, else why not: not x86-64 Linux, no AVX-512F / AVX512-BF16,
-no C++17 compiler (`CXX`, else c++ / g++ / clang++), or `VT_JAX_CPU_KERNELS=0`. Callers then use XLA's dot.
-The library is cached under `VT_JAX_KERNEL_CACHE` (default ~/.cache/vt_jax/kernels), keyed by the source,
-jaxlib's version and the compiler; concurrent first builds are safe (each writes a temporary, then renames).
+`choose_tokens(logits, u, temperature=, greedy=)`: the greedy or untruncated sampled token choice of
+`sampler.choose_tokens` (`cpu_sample.cc`). `benchmarks/bench_kernels.py` times each kernel against the XLA
+ops it replaces.
+
+`unavailable()` is None where the kernels run, else why not: not x86-64 Linux, no AVX-512F / AVX512-BF16,
+no C++17 compiler (`CXX`, else c++ / g++ / clang++), or `VT_JAX_CPU_KERNELS=0`. Callers then use XLA.
+The library (all three sources) is cached under `VT_JAX_KERNEL_CACHE` (default ~/.cache/vt_jax/kernels),
+keyed by the sources, jaxlib's version and the compiler; concurrent first builds are safe (each writes a
+temporary, then renames).
 """
 
 from __future__ import annotations
