@@ -128,6 +128,17 @@ def test_choose_tokens_kernel_draws_the_distribution():
                              atol=1e-6)
 
 
+@needs_kernel
+def test_choose_tokens_kernel_gives_minus_inf_no_mass():
+  """u = 0 draws the first token with mass: never a -inf (or exp-underflowing) one before it."""
+  logits = np.full((2, 300), -np.inf, np.float32)
+  logits[:, 150:] = 0.0
+  logits[1, :150] = -120.0  # exp(-120) underflows to 0 in fp32
+  tokens, logp = K.choose_tokens(jnp.asarray(logits), jnp.zeros((2, 2)), temperature=1.0, greedy=False)
+  np.testing.assert_array_equal(np.asarray(tokens), [150, 150])
+  np.testing.assert_allclose(np.asarray(logp), -np.log(150.0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype,heads", [(jnp.bfloat16, 4), (jnp.float32, 4), (jnp.bfloat16, 2)])
 def test_decode_loop_uses_kernel_and_samples_the_same(dtype, heads, monkeypatch):
   """On one CPU device the decode weights carry the packed table and projections, and decode attention runs

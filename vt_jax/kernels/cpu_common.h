@@ -37,7 +37,8 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t per_task, Fn fn)
   while (state->done.load(std::memory_order_acquire) < tasks) _mm_pause();
 }
 
-// exp(x) for x <= 0 in fp32 (Cephes' expf polynomial, ~1 ulp); very negative x gives 0.
+// exp(x) for x <= 0 in fp32 (Cephes' expf polynomial, ~1 ulp). x <= -104 (-inf included) gives exactly 0:
+// 0.97 * 2^-150 rounds to zero, as the true exp(-104) = 6.8e-46 does.
 __attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),

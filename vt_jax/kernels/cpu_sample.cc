@@ -82,6 +82,8 @@ VT_TARGET Row Choose(const float* x, int64_t v, float temperature, bool greedy, 
   if (greedy) {
     token = best < 0 ? 0 : best;
   } else {
+    // Summed in FirstAbove's order (not `total`'s): its running sum ends at exactly `sum`, so a target below
+    // it is always passed.
     float sum = 0.0f;
     for (int64_t b = 0; b < blocks; ++b) sum += mass[b];
     const int64_t b = FirstAbove(mass.data(), blocks, std::min(u0 * sum, std::nextafter(sum, 0.0f)));
